@@ -1,0 +1,163 @@
+import path from "node:path";
+import { type Kysely, sql } from "kysely";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { createTestPostgres, tempDir } from "../testing/index.js";
+import { type Database, openDatabase, redactUrl } from "./database.js";
+import { type Migrations, migrate } from "./migrate.js";
+
+interface Schema {
+  widgets: { id: string; tenant_id: string; size_bytes: number; created_at: string };
+}
+
+const migrations: Migrations = {
+  "0001_widgets": {
+    async up(db: Kysely<unknown>) {
+      await db.schema
+        .createTable("widgets")
+        .addColumn("id", "text", (c) => c.primaryKey())
+        .addColumn("tenant_id", "text", (c) => c.notNull())
+        .addColumn("size_bytes", "bigint", (c) => c.notNull())
+        .addColumn("created_at", "text", (c) => c.notNull())
+        .execute();
+    },
+  },
+  "0002_widgets_tenant_index": {
+    async up(db: Kysely<unknown>) {
+      await db.schema.createIndex("widgets_tenant").on("widgets").column("tenant_id").execute();
+    },
+  },
+};
+
+const dialects = [
+  {
+    name: "sqlite",
+    async open() {
+      const dir = tempDir();
+      const database = openDatabase<Schema>({
+        url: "",
+        defaultSqlitePath: path.join(dir.path, "db", "t.sqlite"),
+      });
+      return { database, cleanup: async () => dir.remove() };
+    },
+  },
+  {
+    name: "postgres",
+    async open() {
+      const pg = await createTestPostgres();
+      const database = openDatabase<Schema>({ url: pg.url, defaultSqlitePath: "/nonexistent" });
+      return { database, cleanup: () => pg.drop() };
+    },
+  },
+];
+
+describe.each(dialects)("database on $name", ({ name, open }) => {
+  let database: Database<Schema>;
+  let cleanup: () => Promise<void>;
+
+  beforeAll(async () => {
+    ({ database, cleanup } = await open());
+  });
+  afterAll(async () => {
+    await database.close();
+    await cleanup();
+  });
+
+  it("applies migrations once, in order, and is idempotent", async () => {
+    expect(database.dialect).toBe(name);
+    expect(await migrate(database.db as Kysely<unknown>, "test", migrations)).toEqual([
+      "0001_widgets",
+      "0002_widgets_tenant_index",
+    ]);
+    expect(await migrate(database.db as Kysely<unknown>, "test", migrations)).toEqual([]);
+  });
+
+  it("keeps each service's migration bookkeeping separate", async () => {
+    const other: Migrations = {
+      "0001_gadgets": {
+        up: async (db) => {
+          await db.schema.createTable("gadgets").addColumn("id", "text").execute();
+        },
+      },
+    };
+    expect(await migrate(database.db as Kysely<unknown>, "other", other)).toEqual(["0001_gadgets"]);
+    const rows = await sql<{ name: string }>`select name from kiln_test_migrations order by name`.execute(
+      database.db,
+    );
+    expect(rows.rows.map((r) => r.name)).toEqual(["0001_widgets", "0002_widgets_tenant_index"]);
+  });
+
+  it("round-trips 64-bit integers as numbers", async () => {
+    const big = 2 ** 40 + 7;
+    await database.db
+      .insertInto("widgets")
+      .values({ id: "w1", tenant_id: "acme", size_bytes: big, created_at: new Date(0).toISOString() })
+      .execute();
+    const row = await database.db
+      .selectFrom("widgets")
+      .selectAll()
+      .where("id", "=", "w1")
+      .executeTakeFirstOrThrow();
+    expect(row.size_bytes).toBe(big);
+    const count = await database.db
+      .selectFrom("widgets")
+      .select((eb) => eb.fn.countAll<number>().as("n"))
+      .executeTakeFirstOrThrow();
+    expect(count.n).toBe(1);
+  });
+
+  it("answers ping", async () => {
+    await expect(database.ping()).resolves.toBeUndefined();
+  });
+
+  it("reports a failing migration by name, records nothing for it, and resumes once fixed", async () => {
+    const ok: Migrations = {
+      "0001_ok": {
+        up: async (db) => void (await db.schema.createTable("ok_table").addColumn("id", "text").execute()),
+      },
+    };
+    const broken: Migrations = {
+      ...ok,
+      "0002_next": { up: async (db) => void (await sql`this is not sql`.execute(db)) },
+    };
+    await expect(migrate(database.db as Kysely<unknown>, "broken", broken)).rejects.toThrow(
+      /broken: migration 0002_next failed/,
+    );
+    const names = async () =>
+      (
+        await sql<{ name: string }>`select name from kiln_broken_migrations order by name`.execute(
+          database.db,
+        )
+      ).rows.map((r) => r.name);
+    // PostgreSQL runs a batch in one transaction (nothing applied); SQLite commits per migration.
+    expect(await names()).toEqual(name === "postgres" ? [] : ["0001_ok"]);
+    const fixed: Migrations = {
+      ...ok,
+      "0002_next": {
+        up: async (db) => void (await db.schema.createTable("next_table").addColumn("id", "text").execute()),
+      },
+    };
+    await migrate(database.db as Kysely<unknown>, "broken", fixed);
+    expect(await names()).toEqual(["0001_ok", "0002_next"]);
+  });
+});
+
+describe("openDatabase", () => {
+  it("refuses an unsupported URL scheme", () => {
+    expect(() => openDatabase({ url: "mysql://root@localhost/x", defaultSqlitePath: "/tmp/x" })).toThrow(
+      /unsupported database URL mysql:\/\/root@localhost\/x: use postgres:\/\/ or sqlite:\/\//,
+    );
+  });
+
+  it("hides passwords in locations", () => {
+    expect(redactUrl("postgres://kiln:s3cret@db:5432/kiln")).toBe("postgres://kiln:***@db:5432/kiln");
+  });
+
+  it("ping fails when PostgreSQL is unreachable", async () => {
+    const database = openDatabase({
+      url: "postgres://postgres@127.0.0.1:1/none",
+      defaultSqlitePath: "/tmp/x",
+    });
+    await expect(database.ping()).rejects.toThrow(/ECONNREFUSED/);
+    await database.close();
+  });
+});
