@@ -1,0 +1,1 @@
+export { assetmanagerd } from "./definition.js";

@@ -1,0 +1,1 @@
+export { billaged } from "./definition.js";

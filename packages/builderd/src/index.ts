@@ -1,0 +1,1 @@
+export { builderd } from "./definition.js";

@@ -1,0 +1,1 @@
+export { gatewayd } from "./definition.js";

@@ -1,0 +1,1 @@
+export { metald } from "./definition.js";
