@@ -1,3 +1,4 @@
+export * from "./auth/limits.js";
 export * from "./auth/service-token.js";
 export * from "./auth/tenant.js";
 export * from "./config/common.js";
