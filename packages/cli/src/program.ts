@@ -10,6 +10,15 @@ export function createProgram(): Command {
     .description("Kiln: container images → microVM root filesystems → isolated, metered VMs")
     .version("0.1.0")
     .showHelpAfterError()
+    .option("--tenant <id>", 'tenant to act for (default: $KILN_TENANT or "default")')
+    .option(
+      "--tier <tier>",
+      "the tenant's tier when acting as operator: free, pro, enterprise, dedicated (default: $KILN_TIER or pro)",
+    )
+    .option(
+      "--data-dir <dir>",
+      "Kiln's data directory, where the service token lives (default: $KILN_DATA_DIR, /var/lib/kiln as root, ~/.kiln)",
+    )
     .addCommand(upCommand())
     .addCommand(serveCommand())
     .addCommand(statusCommand())
