@@ -1,4 +1,39 @@
-import type { ConfigSpec } from "@kiln/kit";
+import { type ConfigSpec, int, list, str } from "@kiln/kit";
+
+const HOST_PORT = /^[A-Za-z0-9.-]+(:\d{1,5})?$|^\[[0-9a-fA-F:]+\](:\d{1,5})?$/;
 
 /** builderd's own settings (`UNKEY_BUILDERD_*`), next to the common ones every service has. */
-export const settings = {} satisfies ConfigSpec;
+export const settings = {
+  insecureRegistries: list({
+    default: [],
+    item: HOST_PORT,
+    form: "a comma-separated list of host[:port]",
+    doc: "Registries builds may reach over plain HTTP and on loopback/private addresses (e.g. a local registry at 127.0.0.1:5000). Every other registry must use HTTPS and resolve to a public address.",
+  }),
+  localImageDirs: list({
+    default: [],
+    item: /^\//,
+    form: "a comma-separated list of absolute directories",
+    doc: "Directories oci:, oci-archive: and docker-archive: sources may read from. Empty: local sources are refused.",
+  }),
+  maxConcurrentBuilds: int({
+    default: 2,
+    min: 1,
+    max: 256,
+    doc: "Builds running at once on this builderd (all tenants); more wait as PENDING.",
+  }),
+  layerDownloadConcurrency: int({
+    default: 4,
+    min: 1,
+    max: 32,
+    doc: "Layers of one image downloaded at once.",
+  }),
+  tiniPath: str({
+    default: "/usr/bin/tini-static",
+    doc: "Static tini injected as the VM init's PID 1 (Debian package tini).",
+  }),
+  busyboxPath: str({
+    default: "/bin/busybox",
+    doc: "Static busybox injected for the VM init's shell (Debian package busybox-static).",
+  }),
+} satisfies ConfigSpec;

@@ -1,22 +1,55 @@
 import { BuilderService } from "@kiln/api";
-import { defineService, notImplemented } from "@kiln/kit";
+import { defineService, tierLimits } from "@kiln/kit";
+import type { Kysely } from "kysely";
+import { createBuildEvents } from "./builds/events.js";
+import { createBuildManager } from "./builds/manager.js";
+import { layerCacheDir } from "./builds/paths.js";
+import { type BuilderDb, createBuildStore } from "./builds/store.js";
+import { createLayerCache } from "./cache/layer-cache.js";
 import { settings } from "./config.js";
+import { createBuilderMetrics } from "./metrics.js";
 import { migrations } from "./migrations.js";
+import { createBuilderService } from "./service.js";
 
-const PLAN = "issue #3: builderd";
-
-/** builderd: builds: container image → bootable microVM rootfs. */
+/** builderd: builds — container image → bootable microVM rootfs. */
 export const builderd = defineService({
   name: "builderd",
   summary: "builds: container image → bootable microVM rootfs",
   settings,
   peers: ["assetmanagerd"],
   migrations,
-  create() {
+  async create({ config, db, dataDir, log, metrics }) {
+    const store = createBuildStore(db.db as Kysely<BuilderDb>);
+    const caches = new Map<string, ReturnType<typeof createLayerCache>>();
+    const manager = createBuildManager({
+      store,
+      events: createBuildEvents(store, log),
+      dataDir,
+      limits: tierLimits(),
+      cacheFor(tenantId) {
+        const cache = caches.get(tenantId) ?? createLayerCache(layerCacheDir(dataDir, tenantId));
+        caches.set(tenantId, cache);
+        return cache;
+      },
+      settings: {
+        maxConcurrentBuilds: config.maxConcurrentBuilds,
+        layerConcurrency: config.layerDownloadConcurrency,
+        insecureRegistries: config.insecureRegistries,
+        localImageDirs: config.localImageDirs,
+        tiniPath: config.tiniPath,
+        busyboxPath: config.busyboxPath,
+      },
+      metrics: createBuilderMetrics(metrics),
+      log,
+    });
+    const interrupted = await manager.recover();
+    if (interrupted > 0)
+      log.warn({ builds: interrupted }, "failed builds left unfinished by the previous process");
     return {
       routes(router) {
-        router.service(BuilderService, notImplemented(BuilderService, PLAN));
+        router.service(BuilderService, createBuilderService(manager));
       },
+      stop: () => manager.stop(),
     };
   },
 });

@@ -11,6 +11,9 @@ export const migrations: Migrations = {
         .addColumn("state", "text", (c) => c.notNull())
         .addColumn("config_json", "text", (c) => c.notNull())
         .addColumn("source_ref", "text", (c) => c.notNull())
+        .addColumn("idempotency_key", "text")
+        // Same tenant + image manifest + target settings = same rootfs: built once.
+        .addColumn("dedupe_key", "text")
         .addColumn("image_digest", "text")
         .addColumn("progress_percent", "integer", (c) => c.notNull().defaultTo(0))
         .addColumn("current_step", "text", (c) => c.notNull().defaultTo(""))

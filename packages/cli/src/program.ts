@@ -1,4 +1,6 @@
 import { Command } from "commander";
+import { buildCommand } from "./commands/build.js";
+import { buildsCommand } from "./commands/builds.js";
 import { configCommand } from "./commands/config.js";
 import { migrateCommand } from "./commands/migrate.js";
 import { serveCommand } from "./commands/serve.js";
@@ -20,6 +22,8 @@ export function createProgram(): Command {
       "Kiln's data directory, where the service token lives (default: $KILN_DATA_DIR, /var/lib/kiln as root, ~/.kiln)",
     )
     .addCommand(upCommand())
+    .addCommand(buildCommand())
+    .addCommand(buildsCommand())
     .addCommand(serveCommand())
     .addCommand(statusCommand())
     .addCommand(migrateCommand())

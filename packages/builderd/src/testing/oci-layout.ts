@@ -147,6 +147,8 @@ function addEntry(
 ): Promise<void> {
   return new Promise((resolve, reject) => {
     const cb = (err?: Error | null) => (err ? reject(err) : resolve());
+    // A file entry without content would wait for a body forever: give it an empty one.
+    if (!content && (header.type ?? "file") === "file") content = Buffer.alloc(0);
     if (content) pack.entry(header as tar.Header, content, cb);
     else pack.entry(header as tar.Header, cb);
   });

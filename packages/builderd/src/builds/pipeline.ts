@@ -1,0 +1,322 @@
+import { createHash } from "node:crypto";
+import fs from "node:fs";
+import fsp from "node:fs/promises";
+import path from "node:path";
+import { type Logger, ResourceExhaustedError, type TenantLimits } from "@kiln/kit";
+import type { LayerCache } from "../cache/layer-cache.js";
+import { applyLayer } from "../extract/apply-layer.js";
+import { decompressLayer } from "../extract/decompress.js";
+import { buildExt4 } from "../rootfs/ext4.js";
+import { injectInit } from "../rootfs/init.js";
+import { type OptimizeSettings, optimizeRootfs } from "../rootfs/optimize.js";
+import { formatImageRef, parseImageRef } from "../sources/reference.js";
+import { openImageSource, type ResolvedImage } from "../sources/source.js";
+import type { Progress } from "./events.js";
+import type { BuildPaths } from "./paths.js";
+import { type RuntimeConfig, type RuntimeOverrides, resolveRuntimeConfig } from "./runtime-config.js";
+import type { BuildState } from "./states.js";
+
+/** What to build, in domain terms (the service translates the request into this). */
+export interface BuildSpec {
+  imageUri: string;
+  auth?: { username?: string; password?: string; token?: string };
+  runtime: RuntimeOverrides;
+  optimization: OptimizeSettings & { maxSizeBytes: number };
+}
+
+export interface ImageMetadata {
+  originalImage: string;
+  imageDigest: string;
+  platform: string;
+  layers: string[];
+  sizeBytes: number;
+  runtime: RuntimeConfig;
+}
+
+export interface BuildMetrics {
+  pullDurationMs: number;
+  extractDurationMs: number;
+  buildDurationMs: number;
+  optimizeDurationMs: number;
+  totalDurationMs: number;
+  originalSizeBytes: number;
+  rootfsSizeBytes: number;
+  layersCached: number;
+  layersDownloaded: number;
+  bytesDownloaded: number;
+}
+
+export interface BuildOutput {
+  dedupeKey: string;
+  rootfsPath: string;
+  rootfsSizeBytes: number;
+  rootfsChecksum: string;
+  image: ImageMetadata;
+  metrics: BuildMetrics;
+  /** Set when an earlier build's output was reused instead of building. */
+  reusedFrom?: string;
+}
+
+/** How the pipeline reports; the manager persists and broadcasts. */
+export interface Reporter {
+  stage(state: BuildState, step: string): Promise<void>;
+  progress(p: Partial<Progress>): void;
+  log(
+    level: "debug" | "info" | "warn" | "error",
+    component: string,
+    message: string,
+    meta?: Record<string, string | number>,
+  ): void;
+}
+
+export interface PipelineDeps {
+  paths: BuildPaths;
+  cache: LayerCache;
+  limits: TenantLimits;
+  insecureRegistries: string[];
+  localImageDirs: string[];
+  layerConcurrency: number;
+  tiniPath: string;
+  busyboxPath: string;
+  log: Logger;
+  report: Reporter;
+  signal: AbortSignal;
+  /** An earlier completed build of the same tenant with this dedupe key, if any. */
+  findExisting(dedupeKey: string): Promise<BuildOutput | undefined>;
+  onPull?(registry: string, seconds: number): void;
+}
+
+/**
+ * One build: resolve the image, download its layers concurrently into the tenant's cache while
+ * extracting them in order, inject the VM init, optimize, and make the ext4 image.
+ * Throws on failure or abort; the caller owns cleanup of `paths.root`.
+ */
+export async function runPipeline(spec: BuildSpec, deps: PipelineDeps): Promise<BuildOutput> {
+  const { paths, report, signal } = deps;
+  const t0 = performance.now();
+  const ref = parseImageRef(spec.imageUri);
+  await report.stage("pulling", `resolving ${formatImageRef(ref)}`);
+  await fsp.mkdir(paths.temp, { recursive: true });
+  const source = openImageSource(ref, {
+    auth: spec.auth,
+    insecureRegistries: deps.insecureRegistries,
+    allowedRegistries: deps.limits.allowedRegistries,
+    localImageDirs: deps.localImageDirs,
+    log: deps.log,
+    tempDir: paths.temp,
+  });
+  const image = await source.resolve(signal);
+  const dedupeKey = dedupeKeyOf(image, spec);
+  report.log(
+    "info",
+    "pull",
+    `resolved ${formatImageRef(ref)} to ${image.manifestDigest} (${image.platform})`,
+    {
+      layers: image.layers.length,
+    },
+  );
+
+  const existing = await deps.findExisting(dedupeKey);
+  if (existing) {
+    report.log(
+      "info",
+      "cache",
+      `image ${image.manifestDigest} was already built with these settings; reusing ${existing.reusedFrom}`,
+    );
+    return existing;
+  }
+
+  // Downloads run ahead (bounded); extraction consumes layers strictly in order.
+  const bytesTotal = image.layers.reduce((n, l) => n + l.size, 0);
+  let bytesDone = 0;
+  let layersCached = 0;
+  let bytesDownloaded = 0;
+  report.progress({
+    stage: "pulling",
+    bytesTotal,
+    layersTotal: image.layers.length,
+    bytesDone: 0,
+    layersDone: 0,
+  });
+  const downloadAbort = new AbortController();
+  const abortDownloads = () => downloadAbort.abort(signal.reason);
+  signal.addEventListener("abort", abortDownloads, { once: true });
+  const limit = semaphore(deps.layerConcurrency);
+  const pullStarted = performance.now();
+  const downloads = image.layers.map((layer, i) =>
+    limit(async () => {
+      if (await deps.cache.has(layer.digest)) {
+        layersCached++;
+        bytesDone += layer.size;
+        report.progress({ bytesDone });
+        report.log("info", "pull", `layer ${i + 1}/${image.layers.length} ${short(layer.digest)} cached`);
+        return deps.cache.path(layer.digest);
+      }
+      report.log("info", "pull", `pulling layer ${i + 1}/${image.layers.length} ${short(layer.digest)}`, {
+        bytes: layer.size,
+      });
+      const file = await deps.cache.ingest(
+        layer,
+        () => source.openBlob(layer, downloadAbort.signal),
+        (n) => {
+          bytesDone += n;
+          bytesDownloaded += n;
+          report.progress({ bytesDone });
+        },
+      );
+      return file;
+    }),
+  );
+  // A failed download must not leave others running or an unhandled rejection behind.
+  for (const d of downloads) d.catch(() => downloadAbort.abort());
+  const allDownloaded = Promise.all(downloads).then(() => {
+    const seconds = (performance.now() - pullStarted) / 1000;
+    deps.onPull?.(source.registryLabel, seconds);
+  });
+  allDownloaded.catch(() => {});
+
+  try {
+    const tExtract = performance.now();
+    await fsp.mkdir(paths.rootfs, { recursive: true, mode: 0o755 });
+    let usedBytes = 0;
+    for (let i = 0; i < image.layers.length; i++) {
+      const layer = image.layers[i]!;
+      const file = await downloads[i]!;
+      signal.throwIfAborted();
+      await report.stage("extracting", `extracting layer ${i + 1}/${image.layers.length}`);
+      const result = await applyLayer(
+        paths.rootfs,
+        decompressLayer(fs.createReadStream(file), layer.compression),
+        {
+          maxBytes: deps.limits.maxDiskBytes,
+          usedBytes,
+          signal,
+        },
+      );
+      usedBytes += result.bytesWritten;
+      for (const s of result.skipped) report.log("warn", "extract", `skipped ${s.path}: ${s.reason}`);
+      report.progress({ layersDone: i + 1 });
+      report.log("info", "extract", `layer ${i + 1}/${image.layers.length} applied`, {
+        entries: result.entries,
+        bytes: result.bytesWritten,
+      });
+    }
+    await allDownloaded;
+    const pullDurationMs = performance.now() - pullStarted;
+    const extractDurationMs = performance.now() - tExtract;
+
+    const tBuild = performance.now();
+    await report.stage("building", "injecting the VM init");
+    const runtime = resolveRuntimeConfig(image.config.config, spec.runtime);
+    await injectInit(
+      paths.rootfs,
+      {
+        entrypoint: runtime.entrypoint,
+        cmd: runtime.cmd,
+        env: runtime.env,
+        workingDir: runtime.workingDir,
+        user: runtime.user,
+      },
+      { tiniPath: deps.tiniPath, busyboxPath: deps.busyboxPath },
+    );
+    const metadata: ImageMetadata = {
+      originalImage: formatImageRef(ref),
+      imageDigest: image.manifestDigest,
+      platform: image.platform,
+      layers: image.layers.map((l) => l.digest),
+      sizeBytes: usedBytes,
+      runtime,
+    };
+    await fsp.mkdir(paths.metadata, { recursive: true });
+    await fsp.writeFile(
+      path.join(paths.metadata, "image.json"),
+      JSON.stringify({ ...metadata, config: image.config }, null, 2),
+    );
+    const buildDurationMs = performance.now() - tBuild;
+
+    const tOptimize = performance.now();
+    await report.stage("optimizing", "optimizing the rootfs");
+    const removed = await optimizeRootfs(paths.rootfs, spec.optimization);
+    if (removed.removedEntries > 0) {
+      report.log("info", "optimize", `removed ${removed.removedEntries} entries`, {
+        bytes: removed.removedBytes,
+      });
+    }
+    report.progress({ step: "making the ext4 image" });
+    const ext4 = await buildExt4(paths.rootfs, paths.artifact, { signal });
+    if (spec.optimization.maxSizeBytes > 0 && ext4.sizeBytes > spec.optimization.maxSizeBytes) {
+      throw new RootfsTooLargeError(ext4.sizeBytes, spec.optimization.maxSizeBytes);
+    }
+    report.log("info", "mkfs", `ext4 image ${ext4.sha256}`, { bytes: ext4.sizeBytes });
+    // The tree is now inside the image; keep only the artifact and metadata.
+    await fsp.rm(paths.rootfs, { recursive: true, force: true });
+    await fsp.rm(paths.temp, { recursive: true, force: true });
+    const optimizeDurationMs = performance.now() - tOptimize;
+
+    return {
+      dedupeKey,
+      rootfsPath: paths.artifact,
+      rootfsSizeBytes: ext4.sizeBytes,
+      rootfsChecksum: ext4.sha256,
+      image: metadata,
+      metrics: {
+        pullDurationMs: Math.round(pullDurationMs),
+        extractDurationMs: Math.round(extractDurationMs),
+        buildDurationMs: Math.round(buildDurationMs),
+        optimizeDurationMs: Math.round(optimizeDurationMs),
+        totalDurationMs: Math.round(performance.now() - t0),
+        originalSizeBytes: usedBytes,
+        rootfsSizeBytes: ext4.sizeBytes,
+        layersCached,
+        layersDownloaded: image.layers.length - layersCached,
+        bytesDownloaded,
+      },
+    };
+  } finally {
+    signal.removeEventListener("abort", abortDownloads);
+    downloadAbort.abort();
+  }
+}
+
+export class RootfsTooLargeError extends ResourceExhaustedError {
+  constructor(
+    readonly sizeBytes: number,
+    readonly limitBytes: number,
+  ) {
+    super(`the rootfs image is ${sizeBytes} bytes, over optimization.max_size_bytes (${limitBytes})`);
+  }
+}
+
+/** Same tenant + same platform manifest + same target settings = the same rootfs. */
+export function dedupeKeyOf(image: ResolvedImage, spec: BuildSpec): string {
+  const h = createHash("sha256");
+  h.update(
+    JSON.stringify({
+      manifest: image.manifestDigest,
+      runtime: spec.runtime,
+      optimization: spec.optimization,
+      v: 1,
+    }),
+  );
+  return `sha256:${h.digest("hex")}`;
+}
+
+function short(digest: string): string {
+  return digest.slice(0, 19);
+}
+
+/** Runs at most `n` of the given tasks at once. */
+function semaphore(n: number) {
+  let active = 0;
+  const waiting: Array<() => void> = [];
+  return async <T>(task: () => Promise<T>): Promise<T> => {
+    while (active >= n) await new Promise<void>((r) => waiting.push(r));
+    active++;
+    try {
+      return await task();
+    } finally {
+      active--;
+      waiting.shift()?.();
+    }
+  };
+}

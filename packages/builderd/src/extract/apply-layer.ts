@@ -1,0 +1,512 @@
+/**
+ * Applies one OCI image layer (an uncompressed tar stream) onto a rootfs directory, with the
+ * layer semantics of the OCI image spec (layer.md) as `umoci raw unpack` implements them, and
+ * without ever creating, writing or removing anything outside the rootfs.
+ *
+ * How safety holds:
+ * - Entry names and hardlink targets are split into components; absolute names and `..` are
+ *   refused (entry-path.ts).
+ * - Every parent directory is resolved component by component with lstat (root-resolver.ts):
+ *   symlinks are read and followed inside the rootfs, absolute targets restart at the rootfs root,
+ *   and anything leading above the root or looping is refused. The resolved parent is a chain of
+ *   real directories, so the OS never follows a symlink in it.
+ * - The final component is never followed: files are created with O_CREAT|O_EXCL|O_NOFOLLOW (an
+ *   existing path is removed first), symlinks and hardlinks with symlink(2)/link(2) (which do not
+ *   follow the new path), metadata with lchown/lutimes or on the open descriptor, and chmod only on
+ *   a path just confirmed (by mkdir or lstat) to be a real directory.
+ * - This process is the only writer of the rootfs while a layer is applied, so a check is not
+ *   raced by another actor; the layer itself can only change the tree through these entries.
+ *
+ * Syscalls are synchronous on purpose: each takes microseconds on a local filesystem, while a
+ * round trip through libuv's threadpool would dominate the per-entry cost of images made of
+ * thousands of small files. The event loop still runs between chunks and entries, which arrive
+ * asynchronously from the decompressor.
+ */
+import fs from "node:fs";
+import path from "node:path";
+import type { Readable } from "node:stream";
+import { InvalidArgumentError, KilnError } from "@kiln/kit";
+import tar from "tar-stream";
+import { type EntryMetadata, entryMetadata } from "./entry-metadata.js";
+import { entryComponents } from "./entry-path.js";
+import {
+  InvalidLayerError,
+  LayerEntryFailedError,
+  LayerTooLargeError,
+  TooManyEntriesError,
+  UnsafeLayerEntryError,
+} from "./errors.js";
+import { createRootResolver, type RootResolver } from "./root-resolver.js";
+import { classifyWhiteout, removeLower } from "./whiteouts.js";
+
+export interface ApplyLayerOptions {
+  /** Running byte budget for the whole image (tenant's MaxDiskBytes); 0 = unlimited. */
+  maxBytes: number;
+  /** Bytes already used by earlier layers (the budget is for the image, not per layer). */
+  usedBytes?: number;
+  /** Most entries one layer may have (default DEFAULT_MAX_ENTRIES): bounds inode bombs of empty files. */
+  maxEntries?: number;
+  /** Apply uid/gid (default: true when running as root). */
+  chown?: boolean;
+  signal?: AbortSignal;
+  onProgress?: (bytesWritten: number) => void;
+}
+
+export interface ApplyLayerResult {
+  entries: number;
+  bytesWritten: number;
+  skipped: Array<{ path: string; reason: string }>;
+}
+
+/** Far above any real layer (a full Debian is ~30k entries), far below what exhausts inodes. */
+export const DEFAULT_MAX_ENTRIES = 1_000_000;
+
+const PROGRESS_EVERY_BYTES = 4 * 1024 * 1024;
+const O_CREATE_NEW =
+  fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL | fs.constants.O_NOFOLLOW;
+
+/** One entry of the tar stream: its header and a readable of its content. */
+type TarEntry = tar.Extract extends AsyncIterable<infer E> ? E : never;
+
+interface Times {
+  atime: number;
+  mtime: number;
+}
+
+export async function applyLayer(
+  rootfs: string,
+  tarStream: Readable,
+  opts: ApplyLayerOptions,
+): Promise<ApplyLayerResult> {
+  const root = path.resolve(rootfs);
+  const signal = opts.signal;
+  let rootStat: fs.Stats;
+  try {
+    rootStat = fs.statSync(root);
+  } catch (err) {
+    tarStream.destroy();
+    const missing = (err as NodeJS.ErrnoException).code === "ENOENT";
+    throw new InvalidArgumentError(
+      missing
+        ? `rootfs ${root} does not exist; create it before applying layers`
+        : `rootfs ${root} cannot be read: ${(err as Error).message}`,
+      { cause: err },
+    );
+  }
+  if (!rootStat.isDirectory()) {
+    tarStream.destroy();
+    throw new InvalidArgumentError(`rootfs ${root} is not a directory`);
+  }
+  if (signal?.aborted) {
+    tarStream.destroy();
+    throw signal.reason;
+  }
+
+  const applier = createLayerApplier(root, rootStat, opts);
+  const extract = tar.extract();
+  let sourceError: unknown;
+  const onSourceError = (err: unknown) => {
+    sourceError ??= err;
+    extract.destroy(err as Error);
+  };
+  const onAbort = () => extract.destroy(signal?.reason);
+  tarStream.on("error", onSourceError);
+  signal?.addEventListener("abort", onAbort, { once: true });
+  tarStream.pipe(extract);
+  let done = false;
+  try {
+    for await (const entry of extract) {
+      await applier.apply(entry);
+    }
+    applier.finish();
+    done = true;
+    return applier.result();
+  } catch (err) {
+    if (signal?.aborted) throw signal.reason;
+    throw explain(err, sourceError, applier.position());
+  } finally {
+    signal?.removeEventListener("abort", onAbort);
+    if (!done) {
+      tarStream.unpipe(extract);
+      tarStream.destroy();
+      extract.destroy();
+    }
+  }
+}
+
+/** Turns parser and filesystem errors into errors that name the entry and what to do. */
+function explain(err: unknown, sourceError: unknown, at: Position): unknown {
+  if (err instanceof KilnError || err === sourceError) return err;
+  const e = err as NodeJS.ErrnoException;
+  if (typeof e?.code === "string" && e.code.startsWith("Z_")) {
+    return new InvalidLayerError(
+      `layer is not valid compressed data (${e.message}); the blob is corrupt`,
+      at.entry,
+      {
+        cause: err,
+      },
+    );
+  }
+  if (typeof e?.code === "string" && /^E[A-Z]+$/.test(e.code)) {
+    return new LayerEntryFailedError(at.entry ?? "(before the first entry)", err);
+  }
+  const msg = e instanceof Error ? e.message : String(err);
+  if (/Unexpected end of data/.test(msg)) {
+    if (at.entry !== undefined && at.remaining > 0) {
+      return new InvalidLayerError(
+        `layer tar ends in the middle of entry ${JSON.stringify(at.entry)} (declared ${at.declared} bytes); ` +
+          "the blob is truncated or corrupt",
+        at.entry,
+        { cause: err },
+      );
+    }
+    return new InvalidLayerError(
+      `layer tar ends unexpectedly${at.entry === undefined ? "" : ` after entry ${JSON.stringify(at.entry)}`}; the blob is truncated or corrupt`,
+      at.entry,
+      { cause: err },
+    );
+  }
+  if (/^(Invalid tar header|Invalid header|Header exceeds max size)/.test(msg)) {
+    return new InvalidLayerError(
+      `layer is not a valid tar stream (${msg})${at.entry === undefined ? "" : ` after entry ${JSON.stringify(at.entry)}`}`,
+      at.entry,
+      { cause: err },
+    );
+  }
+  return new LayerEntryFailedError(at.entry ?? "(before the first entry)", err);
+}
+
+interface Position {
+  entry: string | undefined;
+  declared: number;
+  remaining: number;
+}
+
+interface LayerApplier {
+  apply(entry: TarEntry): Promise<void>;
+  finish(): void;
+  result(): ApplyLayerResult;
+  position(): Position;
+}
+
+function createLayerApplier(root: string, rootStat: fs.Stats, opts: ApplyLayerOptions): LayerApplier {
+  const chown = opts.chown ?? process.getuid?.() === 0;
+  const maxBytes = opts.maxBytes > 0 ? opts.maxBytes : Number.POSITIVE_INFINITY;
+  const usedBefore = opts.usedBytes ?? 0;
+  const maxEntries = opts.maxEntries ?? DEFAULT_MAX_ENTRIES;
+  const signal = opts.signal;
+
+  let entries = 0;
+  let bytesWritten = 0;
+  let lastProgress = 0;
+  const skipped: ApplyLayerResult["skipped"] = [];
+  let xattrsReported = false;
+  const pos: Position = { entry: undefined, declared: 0, remaining: 0 };
+
+  /** Paths (resolved, relative to root) this layer created, and their ancestors: whiteouts spare them. */
+  const upper = new Set<string>();
+  /**
+   * Directory times to set when the layer is done (adding children changes a directory's mtime):
+   * the header's times for directory entries, the previous times for directories that existed.
+   */
+  const dirTimes = new Map<string, Times>([
+    ["", { atime: seconds(rootStat.atimeMs), mtime: seconds(rootStat.mtimeMs) }],
+  ]);
+
+  const resolver: RootResolver = createRootResolver(root, {
+    onExistingDir(rel, st) {
+      if (!dirTimes.has(rel)) dirTimes.set(rel, { atime: seconds(st.atimeMs), mtime: seconds(st.mtimeMs) });
+    },
+  });
+
+  const abs = (rel: string) => (rel === "" ? root : `${root}/${rel}`);
+  const join = (dir: string, name: string) => (dir === "" ? name : `${dir}/${name}`);
+
+  function markUpper(rel: string): void {
+    let p = rel;
+    while (p !== "" && !upper.has(p)) {
+      upper.add(p);
+      const i = p.lastIndexOf("/");
+      p = i < 0 ? "" : p.slice(0, i);
+    }
+  }
+
+  function forgetTimesUnder(rel: string): void {
+    const prefix = `${rel}/`;
+    for (const key of dirTimes.keys()) if (key === rel || key.startsWith(prefix)) dirTimes.delete(key);
+  }
+
+  /** Removes whatever is at `rel` so a new entry can take its place (umoci's clobber). */
+  function clobber(rel: string): void {
+    const p = abs(rel);
+    const st = fs.lstatSync(p, { throwIfNoEntry: false });
+    if (!st) return;
+    if (st.isDirectory()) {
+      fs.rmSync(p, { recursive: true, force: true });
+      forgetTimesUnder(rel);
+    } else {
+      fs.unlinkSync(p);
+    }
+    if (st.isDirectory() || st.isSymbolicLink()) resolver.invalidate();
+    else resolver.forget(rel);
+  }
+
+  function checkIds(name: string, m: EntryMetadata): void {
+    if (!chown) return;
+    // 0xffffffff is chown's "leave unchanged"; anything above does not fit a uid_t.
+    const valid = (id: number) => Number.isSafeInteger(id) && id >= 0 && id < 0xffffffff;
+    if (!valid(m.uid) || !valid(m.gid)) {
+      throw new InvalidLayerError(`layer entry ${JSON.stringify(name)} has an invalid uid or gid`, name);
+    }
+  }
+
+  async function drain(entry: TarEntry): Promise<void> {
+    if (entry.header.size === 0) return;
+    for await (const _ of entry) {
+      // Content of entries that have none to write (whiteouts, skipped nodes) is discarded.
+    }
+  }
+
+  async function writeFile(
+    entry: TarEntry,
+    name: string,
+    parentComps: string[],
+    base: string,
+    m: EntryMetadata,
+  ) {
+    const size = entry.header.size;
+    if (usedBefore + bytesWritten + size > maxBytes) throw new LayerTooLargeError(opts.maxBytes, name);
+    const rel = join(resolver.resolveDir(parentComps, name, true)!, base);
+    const p = abs(rel);
+    let fd: number;
+    try {
+      fd = fs.openSync(p, O_CREATE_NEW, 0o600);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== "EEXIST") throw err;
+      clobber(rel);
+      fd = fs.openSync(p, O_CREATE_NEW, 0o600);
+    }
+    resolver.forget(rel);
+    markUpper(rel);
+    try {
+      pos.declared = size;
+      pos.remaining = size;
+      if (size > 0) {
+        for await (const chunk of entry) {
+          if (signal?.aborted) throw signal.reason;
+          const buf = chunk as Buffer;
+          if (usedBefore + bytesWritten + buf.length > maxBytes)
+            throw new LayerTooLargeError(opts.maxBytes, name);
+          let off = 0;
+          while (off < buf.length) off += fs.writeSync(fd, buf, off, buf.length - off);
+          bytesWritten += buf.length;
+          pos.remaining -= buf.length;
+          if (opts.onProgress && bytesWritten - lastProgress >= PROGRESS_EVERY_BYTES) {
+            lastProgress = bytesWritten;
+            opts.onProgress(bytesWritten);
+          }
+        }
+      }
+      // chmod after chown: chown clears setuid/setgid.
+      if (chown) fs.fchownSync(fd, m.uid, m.gid);
+      fs.fchmodSync(fd, m.mode);
+      fs.futimesSync(fd, m.atime, m.mtime);
+    } finally {
+      fs.closeSync(fd);
+    }
+  }
+
+  function makeDir(name: string, parentComps: string[], base: string, m: EntryMetadata): void {
+    const rel = join(resolver.resolveDir(parentComps, name, true)!, base);
+    const p = abs(rel);
+    try {
+      fs.mkdirSync(p, 0o755);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== "EEXIST") throw err;
+      // An existing directory is kept (its children merge); anything else is replaced.
+      if (!fs.lstatSync(p).isDirectory()) {
+        clobber(rel);
+        fs.mkdirSync(p, 0o755);
+      }
+    }
+    resolver.setDir(rel);
+    markUpper(rel);
+    if (chown) fs.lchownSync(p, m.uid, m.gid);
+    fs.chmodSync(p, m.mode);
+    dirTimes.set(rel, { atime: m.atime, mtime: m.mtime });
+  }
+
+  function makeSymlink(
+    name: string,
+    parentComps: string[],
+    base: string,
+    target: string,
+    m: EntryMetadata,
+  ): void {
+    if (target === "")
+      throw new InvalidLayerError(`symlink ${JSON.stringify(name)} has an empty target`, name);
+    const rel = join(resolver.resolveDir(parentComps, name, true)!, base);
+    const p = abs(rel);
+    try {
+      fs.symlinkSync(target, p);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== "EEXIST") throw err;
+      clobber(rel);
+      fs.symlinkSync(target, p);
+    }
+    resolver.setSymlink(rel, target);
+    markUpper(rel);
+    if (chown) fs.lchownSync(p, m.uid, m.gid);
+    fs.lutimesSync(p, m.atime, m.mtime);
+  }
+
+  function makeHardlink(name: string, parentComps: string[], base: string, linkname: string): void {
+    const target = entryComponents(linkname, name, "hardlink target");
+    if (target.length === 0) throw new UnsafeLayerEntryError(name, "the hardlink target is the rootfs root");
+    const targetDir = resolver.resolveDir(target.slice(0, -1), name, false);
+    const missing = () =>
+      new UnsafeLayerEntryError(
+        name,
+        `the hardlink target ${JSON.stringify(linkname)} does not exist in the rootfs`,
+      );
+    if (targetDir === null) throw missing();
+    const targetRel = join(targetDir, target[target.length - 1]!);
+    const targetStat = fs.lstatSync(abs(targetRel), { throwIfNoEntry: false });
+    if (!targetStat) throw missing();
+    if (targetStat.isDirectory()) {
+      throw new InvalidLayerError(
+        `layer entry ${JSON.stringify(name)} is a hardlink to the directory ${JSON.stringify(linkname)}`,
+        name,
+      );
+    }
+    const rel = join(resolver.resolveDir(parentComps, name, true)!, base);
+    if (rel === targetRel) return; // already the same file
+    const p = abs(rel);
+    try {
+      fs.linkSync(abs(targetRel), p);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== "EEXIST") throw err;
+      clobber(rel);
+      try {
+        fs.linkSync(abs(targetRel), p);
+      } catch (err2) {
+        if ((err2 as NodeJS.ErrnoException).code !== "ENOENT") throw err2;
+        throw new InvalidLayerError(
+          `hardlink ${JSON.stringify(name)} replaced its own target ${JSON.stringify(linkname)}`,
+          name,
+          { cause: err2 },
+        );
+      }
+    }
+    resolver.forget(rel);
+    markUpper(rel);
+  }
+
+  function applyRoot(entry: TarEntry, name: string, m: EntryMetadata): void {
+    if (entry.header.type !== "directory") {
+      throw new UnsafeLayerEntryError(
+        name,
+        `a ${entry.header.type ?? "non-directory"} entry would replace the rootfs root itself`,
+      );
+    }
+    if (chown) fs.lchownSync(root, m.uid, m.gid);
+    fs.chmodSync(root, m.mode);
+    dirTimes.set("", { atime: m.atime, mtime: m.mtime });
+  }
+
+  async function apply(entry: TarEntry): Promise<void> {
+    const h = entry.header;
+    const name = h.name;
+    pos.entry = name;
+    pos.declared = 0;
+    pos.remaining = 0;
+    if (signal?.aborted) throw signal.reason;
+    if (++entries > maxEntries) throw new TooManyEntriesError(maxEntries, name);
+
+    const comps = entryComponents(name);
+    const m = entryMetadata(h);
+    if (m.hasXattrs && !xattrsReported) {
+      xattrsReported = true;
+      skipped.push({
+        path: name,
+        reason:
+          "extended attributes (PAX SCHILY.xattr.*) are not applied: Node.js cannot set xattrs (reported once per layer)",
+      });
+    }
+    checkIds(name, m);
+    if (comps.length === 0) {
+      applyRoot(entry, name, m);
+      return drain(entry);
+    }
+    const base = comps[comps.length - 1]!;
+    const parentComps = comps.slice(0, -1);
+
+    const whiteout = classifyWhiteout(base, name);
+    if (whiteout) {
+      await drain(entry);
+      const dir = resolver.resolveDir(parentComps, name, false);
+      if (dir === null) return; // nothing below a missing directory to remove
+      const target = whiteout.kind === "opaque" ? dir : join(dir, whiteout.name);
+      let stale = false;
+      removeLower(root, target, upper, whiteout.kind === "opaque", (rel, st) => {
+        if (st.isDirectory()) forgetTimesUnder(rel);
+        if (st.isDirectory() || st.isSymbolicLink()) stale = true;
+        else resolver.forget(rel);
+      });
+      if (stale) resolver.invalidate();
+      return;
+    }
+
+    switch (h.type) {
+      case "file":
+      case "contiguous-file":
+        return writeFile(entry, name, parentComps, base, m);
+      case "directory":
+        makeDir(name, parentComps, base, m);
+        return drain(entry);
+      case "symlink":
+        makeSymlink(name, parentComps, base, h.linkname ?? "", m);
+        return drain(entry);
+      case "link":
+        makeHardlink(name, parentComps, base, h.linkname ?? "");
+        return drain(entry);
+      case "character-device":
+      case "block-device":
+      case "fifo":
+        // Parents are still created, as umoci does before its mknod.
+        markUpper(resolver.resolveDir(parentComps, name, true)!);
+        skipped.push({
+          path: name,
+          reason: `${h.type} entries are not created (the VM's init mounts devtmpfs on /dev)`,
+        });
+        return drain(entry);
+      default:
+        throw new InvalidLayerError(
+          `layer entry ${JSON.stringify(name)} has an unsupported tar entry type (${String(h.type)})`,
+          name,
+        );
+    }
+  }
+
+  function finish(): void {
+    for (const [rel, t] of dirTimes) {
+      try {
+        fs.lutimesSync(abs(rel), t.atime, t.mtime);
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw err;
+      }
+    }
+    if (opts.onProgress && bytesWritten !== lastProgress) opts.onProgress(bytesWritten);
+  }
+
+  return {
+    apply,
+    finish,
+    result: () => ({ entries, bytesWritten, skipped }),
+    position: () => ({ ...pos }),
+  };
+}
+
+function seconds(ms: number): number {
+  return ms / 1000;
+}

@@ -1,0 +1,212 @@
+import { spawn } from "node:child_process";
+import { createHash } from "node:crypto";
+import { createReadStream, existsSync } from "node:fs";
+import fs from "node:fs/promises";
+import path from "node:path";
+import { pipeline } from "node:stream/promises";
+import { FailedPreconditionError, InternalError } from "@kiln/kit";
+
+export interface Ext4Options {
+  /** Free space to add on top of the content (default 32 MiB)… */
+  headroomBytes?: number;
+  /** …or this fraction of the content, whichever is larger (default 0.1). */
+  headroomRatio?: number;
+  /** Filesystem label (default "rootfs"; at most 16 bytes). */
+  label?: string;
+  /** The mkfs.ext4 to run (default: /usr/sbin/mkfs.ext4, /sbin/mkfs.ext4, then PATH). */
+  mkfsPath?: string;
+  signal?: AbortSignal;
+}
+
+const BLOCK = 4096;
+const INODE_SIZE = 256;
+const MiB = 1 << 20;
+
+export class MkfsError extends InternalError {
+  constructor(
+    message: string,
+    readonly stderr: string,
+    options?: { cause?: unknown },
+  ) {
+    super(message, options);
+  }
+}
+
+/**
+ * Makes an ext4 image of a directory with `mkfs.ext4 -d` (no mount, no loop device). The size
+ * comes from the content, counted the way ext4 stores it (4 KiB blocks, each inode once,
+ * directories, long symlinks, inode table, journal), plus headroom for the workload. If the
+ * estimate is ever short, mkfs says so and the image is made again with 50% more blocks and inodes.
+ * Returns the image size and its digest ("sha256:…").
+ */
+export async function buildExt4(
+  rootfs: string,
+  outFile: string,
+  opts: Ext4Options = {},
+): Promise<{ sizeBytes: number; sha256: string }> {
+  const st = await fs.stat(rootfs).catch(() => undefined);
+  if (!st?.isDirectory()) {
+    throw new FailedPreconditionError(
+      `rootfs directory ${rootfs} does not exist; nothing to make an ext4 image of`,
+    );
+  }
+  const label = opts.label ?? "rootfs";
+  if (Buffer.byteLength(label) > 16 || /[\0\n]/.test(label)) {
+    throw new FailedPreconditionError(`ext4 label ${JSON.stringify(label)} must be at most 16 bytes`);
+  }
+  const usage = await measureTree(rootfs, opts.signal);
+  const headroom = Math.max(opts.headroomBytes ?? 32 * MiB, (opts.headroomRatio ?? 0.1) * usage.bytes);
+  // Spare inodes for what the workload creates, too.
+  let inodes = Math.ceil(usage.inodes * 1.2) + 4096;
+  let size = roundUp(filesystemBytes(usage.bytes + headroom, inodes), MiB);
+
+  await fs.mkdir(path.dirname(outFile), { recursive: true });
+  for (let attempt = 1; ; attempt++) {
+    opts.signal?.throwIfAborted();
+    await fs.rm(outFile, { force: true });
+    // A sparse file of the final size: mkfs writes only what it needs.
+    const fh = await fs.open(outFile, "w", 0o644);
+    await fh.truncate(size);
+    await fh.close();
+    const args = [
+      "-q",
+      "-F",
+      "-L",
+      label,
+      "-b",
+      String(BLOCK),
+      "-I",
+      String(INODE_SIZE),
+      "-N",
+      String(inodes),
+      "-m",
+      "0",
+      "-d",
+      rootfs,
+      outFile,
+      `${size / 1024}k`,
+    ];
+    try {
+      await run(opts.mkfsPath ?? mkfsBinary(), args, opts.signal);
+      break;
+    } catch (err) {
+      const outOfSpace =
+        err instanceof MkfsError && /no space|could not allocate|not enough|too many/i.test(err.stderr);
+      if (!outOfSpace || attempt >= 3) {
+        await fs.rm(outFile, { force: true });
+        throw err;
+      }
+      size = roundUp(size * 1.5, MiB);
+      inodes = Math.ceil(inodes * 1.5);
+    }
+  }
+
+  const hash = createHash("sha256");
+  await pipeline(createReadStream(outFile), hash, { signal: opts.signal });
+  return { sizeBytes: size, sha256: `sha256:${hash.digest("hex")}` };
+}
+
+interface TreeUsage {
+  /** Bytes the content takes in 4 KiB blocks, hard links counted once. */
+  bytes: number;
+  inodes: number;
+}
+
+/** Like `du --apparent-size` rounded to blocks, without following symlinks. */
+async function measureTree(root: string, signal?: AbortSignal): Promise<TreeUsage> {
+  const seen = new Set<string>();
+  let bytes = 0;
+  let inodes = 1;
+  const walk = async (dir: string): Promise<void> => {
+    signal?.throwIfAborted();
+    const names = await fs.readdir(dir);
+    // Directory entries: 8 bytes + name, 4-byte aligned; at least one block.
+    let dirBytes = 24;
+    for (const name of names) {
+      dirBytes += 8 + roundUp(Buffer.byteLength(name), 4);
+      const p = path.join(dir, name);
+      const st = await fs.lstat(p);
+      const key = `${st.dev}:${st.ino}`;
+      if (st.nlink > 1 && !st.isDirectory()) {
+        if (seen.has(key)) continue;
+        seen.add(key);
+      }
+      inodes++;
+      if (st.isDirectory()) await walk(p);
+      else if (st.isFile()) bytes += roundUp(st.size, BLOCK) + extentOverhead(st.size);
+      // Targets under 60 bytes live in the inode itself.
+      else if (st.isSymbolicLink() && st.size >= 60) bytes += BLOCK;
+    }
+    bytes += roundUp(Math.max(dirBytes * 1.1, 1), BLOCK);
+  };
+  await walk(root);
+  return { bytes, inodes };
+}
+
+/** Large files may need extent tree blocks (an extent maps at most 128 MiB). */
+function extentOverhead(size: number): number {
+  const extents = Math.ceil(size / (128 * MiB));
+  return extents > 4 ? Math.ceil(extents / 340) * BLOCK : 0;
+}
+
+/** Data plus what ext4 itself takes for a filesystem of that size. */
+function filesystemBytes(data: number, inodes: number): number {
+  const inodeTable = inodes * INODE_SIZE;
+  let total = data + inodeTable;
+  // Bitmaps, group descriptors, reserved GDT blocks: about 1% plus a fixed part.
+  total += total * 0.01 + 2 * MiB;
+  return total + journalBytes(total);
+}
+
+/** mke2fs's default journal size (ext2fs_default_journal_size) for 4 KiB blocks. */
+function journalBytes(fsBytes: number): number {
+  const blocks = fsBytes / BLOCK;
+  if (blocks < 2048) return 0;
+  if (blocks < 32768) return 4 * MiB;
+  if (blocks < 256 * 1024) return 16 * MiB;
+  if (blocks < 512 * 1024) return 32 * MiB;
+  if (blocks < 4096 * 1024) return 64 * MiB;
+  if (blocks < 8192 * 1024) return 128 * MiB;
+  if (blocks < 16384 * 1024) return 256 * MiB;
+  if (blocks < 32768 * 1024) return 512 * MiB;
+  return 1024 * MiB;
+}
+
+function roundUp(n: number, to: number): number {
+  return Math.ceil(n / to) * to;
+}
+
+function mkfsBinary(): string {
+  // /usr/sbin is not on every PATH (non-login shells, some service managers).
+  return ["/usr/sbin/mkfs.ext4", "/sbin/mkfs.ext4"].find((p) => existsSync(p)) ?? "mkfs.ext4";
+}
+
+function run(cmd: string, args: string[], signal?: AbortSignal): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(cmd, args, { stdio: ["ignore", "pipe", "pipe"], signal });
+    let stderr = "";
+    child.stdout.on("data", (d: Buffer) => {
+      stderr += d.toString();
+    });
+    child.stderr.on("data", (d: Buffer) => {
+      stderr += d.toString();
+    });
+    child.on("error", (err: NodeJS.ErrnoException) => {
+      if (err.name === "AbortError") reject(signal?.reason ?? err);
+      else if (err.code === "ENOENT") {
+        reject(
+          new FailedPreconditionError("mkfs.ext4 is not installed: install the e2fsprogs package", {
+            cause: err,
+          }),
+        );
+      } else reject(err);
+    });
+    child.on("close", (code, sig) => {
+      if (code === 0) resolve();
+      else if (!signal?.aborted) {
+        const detail = stderr.trim() || `exit code ${code ?? sig}`;
+        reject(new MkfsError(`mkfs.ext4 failed: ${detail}`, stderr));
+      }
+    });
+  });
+}

@@ -1,0 +1,431 @@
+import { execFile, spawn } from "node:child_process";
+import fs from "node:fs";
+import http from "node:http";
+import type net from "node:net";
+import path from "node:path";
+import { promisify } from "node:util";
+import { Code, ConnectError, createClient } from "@connectrpc/connect";
+import { createConnectTransport } from "@connectrpc/connect-node";
+import { builderd as api, BuilderService } from "@kiln/api";
+import { startTestService, type TestService, tempDir } from "@kiln/kit/testing";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { builderd } from "./definition.js";
+import { type EntrySpec, writeOciLayout } from "./testing/oci-layout.js";
+import { pushLayout, startTestRegistry } from "./testing/registry.js";
+
+const run = promisify(execFile);
+const S = api.BuildState;
+
+/**
+ * A front for the registry whose layer downloads wait until `release()`: tests use it to hold
+ * a build in PULLING (quotas, cancel, timeout, crash recovery) deterministically.
+ */
+async function gatedFront(upstream: string) {
+  let open = false;
+  let waiters: Array<() => void> = [];
+  const server = http.createServer((req, res) => {
+    const forward = () => {
+      const up = http.request(
+        {
+          host: upstream.split(":")[0],
+          port: Number(upstream.split(":")[1]),
+          path: req.url,
+          method: req.method,
+          headers: req.headers,
+        },
+        (r) => {
+          res.writeHead(r.statusCode ?? 502, r.headers);
+          r.pipe(res);
+        },
+      );
+      up.on("error", () => res.destroy());
+      req.pipe(up);
+    };
+    if (/\/blobs\/sha256:/.test(req.url ?? "") && !open && req.method === "GET") waiters.push(forward);
+    else forward();
+  });
+  await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
+  return {
+    host: `127.0.0.1:${(server.address() as net.AddressInfo).port}`,
+    /** Layer blobs requested so far and still held. */
+    held: () => waiters.length,
+    release() {
+      open = true;
+      for (const w of waiters) w();
+      waiters = [];
+    },
+    close: () => {
+      server.closeAllConnections();
+      server.close();
+    },
+  };
+}
+
+const busybox = fs.readFileSync("/bin/busybox");
+const appLayers: EntrySpec[][] = [
+  [
+    { type: "dir", path: "bin" },
+    { type: "file", path: "bin/busybox", content: busybox, mode: 0o755 },
+    { type: "symlink", path: "bin/sh", target: "busybox" },
+    { type: "symlink", path: "bin/httpd", target: "busybox" },
+    { type: "dir", path: "etc" },
+    {
+      type: "file",
+      path: "etc/passwd",
+      content: "root:x:0:0:root:/root:/bin/sh\nwww:x:1000:1000::/www:/bin/sh\n",
+    },
+    { type: "file", path: "etc/group", content: "root:x:0:\nwww:x:1000:\n" },
+  ],
+  [
+    { type: "dir", path: "www", uid: 1000, gid: 1000 },
+    { type: "file", path: "www/index.html", content: "hello from kiln\n", uid: 1000, gid: 1000 },
+    { type: "dir", path: "usr/share/doc/app" },
+    { type: "file", path: "usr/share/doc/app/README", content: "docs".repeat(1000) },
+  ],
+];
+const appConfig = {
+  Cmd: ["httpd", "-f", "-v", "-p", "80", "-h", "/www"],
+  Env: ["PATH=/bin", "GREETING=hi"],
+  ExposedPorts: { "80/tcp": {} },
+  Labels: { "org.example.app": "demo" },
+};
+
+describe("builderd", () => {
+  const work = tempDir("kiln-builderd-svc-");
+  let registry: Awaited<ReturnType<typeof startTestRegistry>>;
+  let gate: Awaited<ReturnType<typeof gatedFront>>;
+  let svc: TestService;
+  let client: ReturnType<typeof createClient<typeof BuilderService>>;
+  const as = (tenant: string, tier = "pro") => ({
+    headers: { "x-kiln-service-token": svc.token, "x-kiln-tenant-id": tenant, "x-kiln-tenant-tier": tier },
+  });
+  const image = (repo: string, host = registry.host) => `docker://${host}/${repo}`;
+  const createBuild = (
+    uri: string,
+    tenant = "acme",
+    extra: Partial<{ timeoutSeconds: number; tier: string }> = {},
+  ) =>
+    client.createBuild(
+      {
+        config: {
+          source: { sourceType: { case: "dockerImage", value: { imageUri: uri } } },
+          timeoutSeconds: extra.timeoutSeconds ?? 0,
+          target: {
+            targetType: { case: "microvmRootfs", value: { optimization: { removeDocs: true } } },
+          },
+        },
+      },
+      as(tenant, extra.tier),
+    );
+  const waitEnd = async (buildId: string, tenant = "acme") => {
+    for await (const _ of client.streamBuildLogs({ buildId, follow: true }, as(tenant))) {
+    }
+    return (await client.getBuild({ buildId }, as(tenant))).build!;
+  };
+
+  beforeAll(async () => {
+    registry = await startTestRegistry();
+    const layout = path.join(work.path, "layout");
+    await writeOciLayout(layout, [
+      { tag: "1", image: { layers: appLayers, config: appConfig } },
+      {
+        tag: "evil",
+        image: {
+          layers: [
+            [
+              {
+                type: "raw",
+                header: { name: "../../escape", type: "file", size: 4, mode: 0o644 },
+                content: Buffer.from("evil"),
+              },
+            ],
+          ],
+        },
+      },
+    ]);
+    await pushLayout(layout, "1", registry.host, "app");
+    await pushLayout(layout, "evil", registry.host, "evil");
+    gate = await gatedFront(registry.host);
+    svc = await startTestService(builderd, {
+      env: {
+        UNKEY_BUILDERD_INSECURE_REGISTRIES: `${registry.host},${gate.host}`,
+        UNKEY_BUILDERD_LOCAL_IMAGE_DIRS: work.path,
+      },
+    });
+    client = createClient(
+      BuilderService,
+      createConnectTransport({ baseUrl: svc.baseUrl, httpVersion: "1.1" }),
+    );
+  }, 120_000);
+
+  afterAll(async () => {
+    gate?.release();
+    await svc?.stop();
+    gate?.close();
+    await registry?.stop();
+    work.remove();
+  });
+
+  it("builds an image into an ext4 rootfs with its metadata, returning the id at once", async () => {
+    const res = await createBuild(image("app:1"));
+    expect(res.buildId).toMatch(/^bld_/);
+    expect([S.PENDING, S.PULLING]).toContain(res.state);
+    const build = await waitEnd(res.buildId);
+    expect(build.errorMessage).toBe("");
+    expect(build.state).toBe(S.COMPLETED);
+    expect(build.progressPercent).toBe(100);
+    expect(build.rootfsChecksum).toMatch(/^sha256:[0-9a-f]{64}$/);
+    expect(fs.statSync(build.rootfsPath).size).toBe(Number(build.rootfsSizeBytes));
+    expect(build.imageMetadata).toMatchObject({
+      command: appConfig.Cmd,
+      env: { PATH: "/bin", GREETING: "hi" },
+      exposedPorts: ["80/tcp"],
+      labels: { "org.example.app": "demo" },
+      platform: "linux/amd64",
+    });
+    expect(build.imageMetadata?.layers).toHaveLength(2);
+    expect(build.metrics?.layersDownloaded).toBe(2);
+    // The image holds the workload, the injected init, not the removed docs.
+    const ls = async (p: string) => (await run("debugfs", ["-R", `ls -p ${p}`, build.rootfsPath])).stdout;
+    expect(await ls("/www")).toContain("index.html");
+    expect(await ls("/.kiln")).toMatch(/init/);
+    expect(await ls("/usr/share/doc")).not.toContain("app");
+    const stat = (await run("debugfs", ["-R", "stat /www/index.html", build.rootfsPath])).stdout;
+    expect(stat).toMatch(/User:\s+1000\s+Group:\s+1000/);
+  });
+
+  it("streams the build's log with stages, and progress in bytes", async () => {
+    const res = await createBuild(image("app:1"), "logs-tenant");
+    const stages = new Set<number>();
+    let sawBytes = false;
+    const lines: string[] = [];
+    for await (const m of client.streamBuildLogs({ buildId: res.buildId, follow: true }, as("logs-tenant"))) {
+      stages.add(m.state);
+      if (m.progress && m.progress.bytesTotal > 0n) sawBytes = true;
+      if (m.entry) lines.push(`${m.entry.component}: ${m.entry.message}`);
+    }
+    expect([...stages]).toEqual(
+      expect.arrayContaining([S.PULLING, S.EXTRACTING, S.BUILDING, S.OPTIMIZING, S.COMPLETED]),
+    );
+    expect(sawBytes).toBe(true);
+    expect(lines.join("\n")).toMatch(/pulling layer 1\/2/);
+    // History replays without follow, ending with the state.
+    const replay: string[] = [];
+    for await (const m of client.streamBuildLogs(
+      { buildId: res.buildId, follow: false },
+      as("logs-tenant"),
+    )) {
+      if (m.entry) replay.push(`${m.entry.component}: ${m.entry.message}`);
+    }
+    expect(replay).toEqual(lines);
+  });
+
+  it("builds the same image again without downloading anything, reusing the rootfs", async () => {
+    const first = await waitEnd((await createBuild(image("app:1"), "reuse")).buildId, "reuse");
+    const again = await waitEnd((await createBuild(image("app:1"), "reuse")).buildId, "reuse");
+    expect(again.state).toBe(S.COMPLETED);
+    expect(again.rootfsChecksum).toBe(first.rootfsChecksum);
+    expect(again.rootfsPath).not.toBe(first.rootfsPath);
+    expect(again.metrics?.bytesDownloaded).toBe(0n);
+    // Deleting the first build leaves the second's rootfs intact (its own hard link).
+    await client.deleteBuild({ buildId: first.buildId }, as("reuse"));
+    expect(fs.existsSync(first.rootfsPath)).toBe(false);
+    expect(fs.existsSync(again.rootfsPath)).toBe(true);
+  });
+
+  it("keeps tenants apart: another tenant's build is not found", async () => {
+    const { buildId } = await createBuild(image("app:1"), "owner");
+    for (const call of [
+      () => client.getBuild({ buildId }, as("intruder")),
+      () => client.cancelBuild({ buildId }, as("intruder")),
+      () => client.deleteBuild({ buildId }, as("intruder")),
+    ]) {
+      const err = await call().catch((e) => ConnectError.from(e));
+      expect((err as ConnectError).code).toBe(Code.NotFound);
+    }
+    const list = await client.listBuilds({}, as("intruder"));
+    expect(list.builds.map((b) => b.buildId)).not.toContain(buildId);
+    await waitEnd(buildId, "owner");
+  });
+
+  it("lists builds newest first, filtered by state, page by page", async () => {
+    const ids: string[] = [];
+    for (let i = 0; i < 3; i++) ids.push((await createBuild(image("app:1"), "lister")).buildId);
+    for (const id of ids) await waitEnd(id, "lister");
+    const p1 = await client.listBuilds({ pageSize: 2, stateFilter: [S.COMPLETED] }, as("lister"));
+    expect(p1.totalCount).toBe(3);
+    expect(p1.builds.map((b) => b.buildId)).toEqual([ids[2], ids[1]]);
+    const p2 = await client.listBuilds(
+      { pageSize: 2, stateFilter: [S.COMPLETED], pageToken: p1.nextPageToken },
+      as("lister"),
+    );
+    expect(p2.builds.map((b) => b.buildId)).toEqual([ids[0]]);
+    expect(p2.nextPageToken).toBe("");
+    expect((await client.listBuilds({ stateFilter: [S.FAILED] }, as("lister"))).totalCount).toBe(0);
+    const bad = await client
+      .listBuilds({ pageToken: "garbage" }, as("lister"))
+      .catch((e) => ConnectError.from(e));
+    expect((bad as ConnectError).code).toBe(Code.InvalidArgument);
+  });
+
+  it("fails a hostile image with an error naming the entry, leaving nothing outside", async () => {
+    const build = await waitEnd((await createBuild(image("evil:evil"), "hostile")).buildId, "hostile");
+    expect(build.state).toBe(S.FAILED);
+    expect(build.errorMessage).toContain("../../escape");
+    expect(fs.existsSync(path.join(svc.dataDir, "tenants", "hostile", "escape"))).toBe(false);
+    expect(fs.existsSync(path.join(svc.dataDir, "tenants", "hostile", "builds", build.buildId))).toBe(false);
+  });
+
+  it("refuses a malformed image reference with invalid_argument", async () => {
+    const err = await createBuild("docker://Not A Ref").catch((e) => ConnectError.from(e));
+    expect((err as ConnectError).code).toBe(Code.InvalidArgument);
+  });
+
+  it("refuses a registry on a loopback address the operator did not list", async () => {
+    const build = await waitEnd((await createBuild("docker://127.0.0.1:1/app:1", "ssrf")).buildId, "ssrf");
+    expect(build.state).toBe(S.FAILED);
+    expect(build.errorMessage).toMatch(/UNKEY_BUILDERD_INSECURE_REGISTRIES/);
+  });
+
+  describe("with layer downloads held", () => {
+    it("enforces MaxConcurrentBuilds per tier, naming the limit", async () => {
+      const first = await createBuild(image("app:1", gate.host), "quota", { tier: "free" });
+      const err = await createBuild(image("app:1", gate.host), "quota", { tier: "free" }).catch((e) =>
+        ConnectError.from(e),
+      );
+      expect((err as ConnectError).code).toBe(Code.ResourceExhausted);
+      expect((err as ConnectError).rawMessage).toMatch(/^MaxConcurrentBuilds \(1\) reached/);
+      const cancelled = await client.cancelBuild({ buildId: first.buildId }, as("quota", "free"));
+      expect(cancelled).toMatchObject({ success: true, state: S.CANCELLED });
+    });
+
+    it("cancels a running build, removing its files", async () => {
+      const { buildId } = await createBuild(image("app:1", gate.host), "cancel");
+      await expect
+        .poll(async () => (await client.getBuild({ buildId }, as("cancel"))).build?.state, {
+          timeout: 15_000,
+        })
+        .toBe(S.PULLING);
+      const r = await client.cancelBuild({ buildId }, as("cancel"));
+      expect(r).toMatchObject({ success: true, state: S.CANCELLED });
+      expect(fs.existsSync(path.join(svc.dataDir, "tenants", "cancel", "builds", buildId))).toBe(false);
+      // Cancelling again says it had already ended.
+      expect(await client.cancelBuild({ buildId }, as("cancel"))).toMatchObject({
+        success: false,
+        state: S.CANCELLED,
+      });
+    });
+
+    it("fails a build past its timeout with the reason", async () => {
+      const { buildId } = await createBuild(image("app:1", gate.host), "slow", { timeoutSeconds: 1 });
+      const build = await waitEnd(buildId, "slow");
+      expect(build.state).toBe(S.FAILED);
+      expect(build.errorMessage).toBe("timed out after 1s");
+    });
+  });
+
+  it("exposes the seeds' metrics", async () => {
+    const text = await (await fetch(`${svc.baseUrl}/metrics`)).text();
+    expect(text).toMatch(/builderd_builds_total\{status="completed"\} [1-9]/);
+    expect(text).toMatch(/builderd_builds_total\{status="failed"\} [1-9]/);
+    expect(text).toMatch(/builderd_builds_duration_seconds_count\{status="completed"\} [1-9]/);
+    expect(text).toMatch(/builderd_docker_pulls_total\{registry="127\.0\.0\.1:\d+"\} [1-9]/);
+    expect(text).toMatch(/builderd_docker_pull_duration_seconds_count/);
+    expect(text).toMatch(/builderd_builds_queue_size 0/);
+    expect(text).toMatch(/builderd_tenant_builds_active/);
+  });
+});
+
+describe("builderd crash recovery", () => {
+  it("fails a build interrupted by kill -9 with the reason on restart", async () => {
+    const dir = tempDir("kiln-builderd-crash-");
+    const registry = await startTestRegistry();
+    const layout = path.join(dir.path, "layout");
+    await writeOciLayout(layout, [{ tag: "1", image: { layers: appLayers, config: appConfig } }]);
+    await pushLayout(layout, "1", registry.host, "app");
+    const gate = await gatedFront(registry.host);
+    const env = {
+      ...process.env,
+      UNKEY_BUILDERD_PORT: "0",
+      UNKEY_BUILDERD_METRICS_PORT: "0",
+      UNKEY_BUILDERD_DATA_DIR: dir.path,
+      UNKEY_BUILDERD_INSECURE_REGISTRIES: gate.host,
+      UNKEY_BUILDERD_LOG_LEVEL: "info",
+    };
+    const main = new URL("./main.ts", import.meta.url).pathname;
+    const child = spawn(process.execPath, ["--conditions=kiln-source", "--import", "tsx", main], {
+      env,
+      stdio: ["ignore", "pipe", "inherit"],
+    });
+    try {
+      const port = await new Promise<number>((resolve, reject) => {
+        let out = "";
+        child.stdout.on("data", (c) => {
+          out += c;
+          const m = /"api":"127\.0\.0\.1:(\d+)"/.exec(out);
+          if (m) resolve(Number(m[1]));
+        });
+        child.on("exit", (code) => reject(new Error(`builderd exited with ${code}: ${out}`)));
+      });
+      const token = fs.readFileSync(path.join(dir.path, "service-token"), "utf8").trim();
+      const headers = { "x-kiln-service-token": token, "x-kiln-tenant-id": "acme" };
+      const c = createClient(
+        BuilderService,
+        createConnectTransport({ baseUrl: `http://127.0.0.1:${port}`, httpVersion: "1.1" }),
+      );
+      const { buildId } = await c.createBuild(
+        {
+          config: {
+            source: {
+              sourceType: { case: "dockerImage", value: { imageUri: `docker://${gate.host}/app:1` } },
+            },
+          },
+        },
+        { headers },
+      );
+      await expect.poll(() => gate.held(), { timeout: 20_000 }).toBeGreaterThan(0);
+      child.kill("SIGKILL");
+      await new Promise((r) => child.once("exit", r));
+
+      const svc = await startTestServiceOn(dir.path, gate.host);
+      try {
+        const c2 = createClient(
+          BuilderService,
+          createConnectTransport({ baseUrl: svc.baseUrl, httpVersion: "1.1" }),
+        );
+        const { build } = await c2.getBuild(
+          { buildId },
+          { headers: { ...headers, "x-kiln-service-token": svc.token } },
+        );
+        expect(build?.state).toBe(S.FAILED);
+        expect(build?.errorMessage).toMatch(/^interrupted: builderd stopped while the build was PULLING/);
+        expect(fs.existsSync(path.join(dir.path, "tenants", "acme", "builds", buildId))).toBe(false);
+      } finally {
+        await svc.service.stop();
+      }
+    } finally {
+      child.kill("SIGKILL");
+      gate.release();
+      gate.close();
+      await registry.stop();
+      dir.remove();
+    }
+  }, 120_000);
+});
+
+/** Starts builderd in-process on an existing data dir (startTestService makes a new one). */
+async function startTestServiceOn(dataDir: string, insecure: string) {
+  const { startService } = await import("@kiln/kit");
+  const { captureLogs } = await import("@kiln/kit/testing");
+  const service = await startService(builderd, {
+    env: {
+      UNKEY_BUILDERD_PORT: "0",
+      UNKEY_BUILDERD_METRICS_PORT: "0",
+      UNKEY_BUILDERD_DATA_DIR: dataDir,
+      UNKEY_BUILDERD_INSECURE_REGISTRIES: insecure,
+    },
+    logDestination: captureLogs().destination,
+  });
+  const token = fs.readFileSync(path.join(dataDir, "service-token"), "utf8").trim();
+  return { service, token, baseUrl: `http://127.0.0.1:${service.api.port}` };
+}

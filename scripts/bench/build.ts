@@ -1,0 +1,131 @@
+/**
+ * `npm run bench -- build`: builderd against the peer pipeline on the same image, in one run.
+ *
+ * A generated image of ~100 MB in 10 layers is pushed to a local docker-registry. Then, side by
+ * side: Kiln cold (empty layer cache), Kiln warm (the same image again: reused), and the peer
+ * `skopeo copy` + `umoci raw unpack` + `mkfs.ext4 -d`. Reports times and ratios; the issue's
+ * targets are cold ≤ 0.7× the peer and warm ≤ 50 ms.
+ */
+import { execFile } from "node:child_process";
+import { randomBytes } from "node:crypto";
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { promisify } from "node:util";
+import { createClient } from "@connectrpc/connect";
+import { builderd as api, BuilderService } from "@kiln/api";
+import { builderd } from "@kiln/builderd";
+import { startService } from "@kiln/kit";
+import { captureLogs } from "@kiln/kit/testing";
+import { type EntrySpec, writeOciLayout } from "../../packages/builderd/src/testing/oci-layout.js";
+import { pushLayout, startTestRegistry } from "../../packages/builderd/src/testing/registry.js";
+
+const run = promisify(execFile);
+const LAYERS = 10;
+const LAYER_BYTES = 10 * 1024 * 1024;
+
+/** Half random (incompressible), half text-like (compressible), in files of 64 KiB–1 MiB. */
+function layer(i: number): EntrySpec[] {
+  const entries: EntrySpec[] = [{ type: "dir", path: `data${i}` }];
+  let left = LAYER_BYTES;
+  let n = 0;
+  while (left > 0) {
+    const size = Math.min(left, 64 * 1024 * (1 + (n % 16)));
+    const content =
+      n % 2 === 0
+        ? randomBytes(size)
+        : Buffer.from("kiln benchmark line of text\n".repeat(Math.ceil(size / 28)).slice(0, size));
+    entries.push({ type: "file", path: `data${i}/f${n}`, content, mode: 0o644 });
+    left -= size;
+    n++;
+  }
+  return entries;
+}
+
+async function timed<T>(fn: () => Promise<T>): Promise<[number, T]> {
+  const t = performance.now();
+  const r = await fn();
+  return [performance.now() - t, r];
+}
+
+export async function runBench(): Promise<void> {
+  const work = fs.mkdtempSync(path.join(os.tmpdir(), "kiln-bench-build-"));
+  const registry = await startTestRegistry();
+  try {
+    process.stderr.write(`generating ${LAYERS} layers of ${LAYER_BYTES / 1024 / 1024} MiB…\n`);
+    const layout = path.join(work, "layout");
+    await writeOciLayout(layout, [
+      {
+        tag: "1",
+        image: { layers: Array.from({ length: LAYERS }, (_, i) => layer(i)), config: { Cmd: ["/bin/sh"] } },
+      },
+    ]);
+    await pushLayout(layout, "1", registry.host, "bench");
+    const ref = `docker://${registry.host}/bench:1`;
+
+    // Peer: skopeo copy → umoci raw unpack → mkfs.ext4 -d (sized like Kiln's image).
+    const peerDir = path.join(work, "peer");
+    const [peerMs] = await timed(async () => {
+      await run("skopeo", ["copy", "--src-tls-verify=false", ref, `oci:${peerDir}/oci:1`]);
+      await run("umoci", ["raw", "unpack", "--image", `${peerDir}/oci:1`, `${peerDir}/rootfs`]);
+      const { stdout } = await run("du", ["-sb", `${peerDir}/rootfs`]);
+      const bytes = Number(stdout.split("\t")[0]);
+      const size = Math.ceil((bytes * 1.3 + 64 * 1024 * 1024) / 1024 / 1024);
+      await run("mkfs.ext4", ["-q", "-F", "-d", `${peerDir}/rootfs`, `${peerDir}/rootfs.ext4`, `${size}M`]);
+    });
+
+    // Kiln: builderd in this process, empty data dir.
+    const dataDir = path.join(work, "kiln");
+    const svc = await startService(builderd, {
+      env: {
+        UNKEY_BUILDERD_PORT: "0",
+        UNKEY_BUILDERD_METRICS_PORT: "0",
+        UNKEY_BUILDERD_DATA_DIR: dataDir,
+        UNKEY_BUILDERD_INSECURE_REGISTRIES: registry.host,
+        UNKEY_BUILDERD_LOG_LEVEL: "warn",
+      },
+      logDestination: captureLogs().destination,
+    });
+    try {
+      const client = createClient(BuilderService, svc.transport);
+      const headers = { "x-kiln-tenant-id": "bench", "x-kiln-tenant-tier": "pro" };
+      const build = async () => {
+        const { buildId } = await client.createBuild(
+          { config: { source: { sourceType: { case: "dockerImage", value: { imageUri: ref } } } } },
+          { headers },
+        );
+        for await (const _ of client.streamBuildLogs({ buildId, follow: true }, { headers })) {
+        }
+        const { build: b } = await client.getBuild({ buildId }, { headers });
+        if (b?.state !== api.BuildState.COMPLETED)
+          throw new Error(`build ${buildId} ended ${b?.state}: ${b?.errorMessage}`);
+        return b;
+      };
+      const [coldMs] = await timed(build);
+      const warm: number[] = [];
+      for (let i = 0; i < 5; i++) warm.push((await timed(build))[0]);
+      warm.sort((a, b) => a - b);
+      const warmMs = warm[2]!;
+      const rows = [
+        ["peer: skopeo copy + umoci raw unpack + mkfs.ext4", peerMs, 1],
+        ["kiln cold build", coldMs, coldMs / peerMs],
+        ["kiln warm build (same image again, median of 5)", warmMs, warmMs / peerMs],
+      ] as const;
+      process.stdout.write(
+        `\nimage: ${LAYERS} layers, ${(LAYERS * LAYER_BYTES) / 1024 / 1024} MiB uncompressed, ${os.cpus().length} CPUs\n`,
+      );
+      for (const [name, ms, ratio] of rows)
+        process.stdout.write(`${name.padEnd(52)} ${ms.toFixed(0).padStart(7)} ms  ${ratio.toFixed(3)}×\n`);
+      process.stdout.write(
+        `targets: cold ≤ 0.7× peer → ${coldMs / peerMs <= 0.7 ? "met" : "NOT met"}; warm ≤ 50 ms → ${warmMs <= 50 ? "met" : "NOT met"}\n`,
+      );
+    } finally {
+      await svc.stop();
+    }
+  } finally {
+    await registry.stop();
+    fs.rmSync(work, { recursive: true, force: true });
+  }
+}
+
+export { runBench as run };
