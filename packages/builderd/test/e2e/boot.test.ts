@@ -1,24 +1,26 @@
 /**
- * Acceptance for issue #3 item 5: a busybox-httpd rootfs made by builderd's rootfs stage
- * (optimize → inject init → ext4) boots under QEMU microvm with the host kernel and Kiln's
- * initramfs, and its HTTP server answers from the host through a forwarded port.
+ * Acceptance for issue #3 item 5: builderd builds a busybox-httpd *image* pulled from a real
+ * registry into an ext4 rootfs (pull → extract → init → optimize → mkfs), and that rootfs boots
+ * under QEMU microvm with the host kernel and Kiln's initramfs; its HTTP server answers from the
+ * host through a forwarded port.
  *
- * The rootfs is assembled by hand (the pull/extract pipeline is tested elsewhere); the workload
- * runs as the image's `www` user on port 8080, and a CGI script reports its uid and hostname so
- * the user switch and the kernel command line are checked inside the real VM.
+ * The workload runs as the image's `www` user on port 8080, and a CGI script reports its uid and
+ * hostname so the user switch and the kernel command line are checked inside the real VM.
  */
 import { type ChildProcess, execFileSync, spawn } from "node:child_process";
 import fs from "node:fs";
 import net from "node:net";
 import path from "node:path";
-import { tempDir } from "@kiln/kit/testing";
+import { createClient } from "@connectrpc/connect";
+import { builderd as api, BuilderService } from "@kiln/api";
+import { startTestService, type TestService, tempDir } from "@kiln/kit/testing";
 import { afterAll, beforeAll, describe, expect, it, onTestFailed } from "vitest";
 import { findHostKernel } from "../../../assetmanagerd/src/kernel/host-kernel.js";
 import { buildInitramfs } from "../../../assetmanagerd/src/kernel/initramfs.js";
 import { hostTscKhz, kvmUsable, QEMU_BINARY, qemuArgs } from "../../../metald/src/backends/qemu/cmdline.js";
-import { buildExt4 } from "../../src/rootfs/ext4.js";
-import { injectInit } from "../../src/rootfs/init.js";
-import { optimizeRootfs } from "../../src/rootfs/optimize.js";
+import { builderd } from "../../src/definition.js";
+import { type EntrySpec, writeOciLayout } from "../../src/testing/oci-layout.js";
+import { pushLayout, startTestRegistry } from "../../src/testing/registry.js";
 
 const INDEX = "<h1>hello from a kiln microvm</h1>\n";
 const HOSTNAME = "kiln-e2e";
@@ -28,29 +30,43 @@ let work: { path: string; remove(): void };
 let kernel: string;
 let initrd: string;
 let image: string;
+let registry: Awaited<ReturnType<typeof startTestRegistry>> | undefined;
+let svc: TestService | undefined;
 
-/** The hand-made image: busybox + applets, a www user, a page and a CGI script. */
-function makeRootfs(root: string): void {
-  for (const d of ["bin", "etc", "www/cgi-bin", "usr/share/doc/busybox", "var/cache/apt"]) {
-    fs.mkdirSync(path.join(root, d), { recursive: true });
-  }
-  fs.copyFileSync("/bin/busybox", path.join(root, "bin/busybox"));
-  fs.chmodSync(path.join(root, "bin/busybox"), 0o755);
+/** The image's two layers: busybox + applets and users; then the site, a CGI script, docs and a cache. */
+function imageLayers(): EntrySpec[][] {
   const applets = execFileSync("/bin/busybox", ["--list"], { encoding: "utf8" }).split("\n").filter(Boolean);
-  for (const a of applets) if (a !== "busybox") fs.symlinkSync("busybox", path.join(root, "bin", a));
-  fs.writeFileSync(
-    path.join(root, "etc/passwd"),
-    "root:x:0:0:root:/root:/bin/sh\nwww:x:1000:1000:www:/www:/bin/sh\n",
-  );
-  fs.writeFileSync(path.join(root, "etc/group"), "root:x:0:\nwww:x:1000:\n");
-  fs.writeFileSync(path.join(root, "www/index.html"), INDEX);
-  fs.writeFileSync(
-    path.join(root, "www/cgi-bin/whoami"),
-    '#!/bin/sh\nprintf "Content-Type: text/plain\\r\\n\\r\\n"\necho "uid=$(id -u) gid=$(id -g) host=$(hostname) greeting=$GREETING"\n',
-  );
-  fs.chmodSync(path.join(root, "www/cgi-bin/whoami"), 0o755);
-  fs.writeFileSync(path.join(root, "usr/share/doc/busybox/README"), "docs");
-  fs.writeFileSync(path.join(root, "var/cache/apt/pkgcache.bin"), "cache");
+  const base: EntrySpec[] = [
+    { type: "dir", path: "bin" },
+    { type: "file", path: "bin/busybox", content: fs.readFileSync("/bin/busybox"), mode: 0o755 },
+    ...applets
+      .filter((a) => a !== "busybox")
+      .map((a): EntrySpec => ({ type: "symlink", path: `bin/${a}`, target: "busybox" })),
+    { type: "dir", path: "etc" },
+    {
+      type: "file",
+      path: "etc/passwd",
+      content: "root:x:0:0:root:/root:/bin/sh\nwww:x:1000:1000:www:/www:/bin/sh\n",
+    },
+    { type: "file", path: "etc/group", content: "root:x:0:\nwww:x:1000:\n" },
+  ];
+  const site: EntrySpec[] = [
+    { type: "dir", path: "www", uid: 1000, gid: 1000 },
+    { type: "file", path: "www/index.html", content: INDEX },
+    { type: "dir", path: "www/cgi-bin" },
+    {
+      type: "file",
+      path: "www/cgi-bin/whoami",
+      mode: 0o755,
+      content:
+        '#!/bin/sh\nprintf "Content-Type: text/plain\\r\\n\\r\\n"\necho "uid=$(id -u) gid=$(id -g) host=$(hostname) greeting=$GREETING"\n',
+    },
+    { type: "dir", path: "usr/share/doc/busybox" },
+    { type: "file", path: "usr/share/doc/busybox/README", content: "docs" },
+    { type: "dir", path: "var/cache/apt" },
+    { type: "file", path: "var/cache/apt/pkgcache.bin", content: "cache" },
+  ];
+  return [base, site];
 }
 
 beforeAll(async () => {
@@ -60,27 +76,57 @@ beforeAll(async () => {
   initrd = path.join(work.path, "initrd.img");
   await buildInitramfs({ modulesDir: host.modulesDir, out: initrd });
 
-  const root = path.join(work.path, "rootfs");
-  makeRootfs(root);
-  const optimized = await optimizeRootfs(root, {
-    removeDocs: true,
-    removeCache: true,
-    excludePatterns: [],
-    preservePaths: [],
-  });
-  expect(optimized.removedEntries).toBe(4); // usr/share/doc/busybox + README, var/cache/apt + pkgcache.bin
-  await injectInit(root, {
-    entrypoint: [],
-    cmd: ["httpd", "-f", "-v", "-p", "8080", "-h", "/www"],
-    env: { PATH: "/usr/sbin:/usr/bin:/sbin:/bin", GREETING: 'it\'s a "VM" $(not run)' },
-    workingDir: "/www",
-    user: "www",
-  });
-  image = path.join(work.path, "rootfs.ext4");
-  await buildExt4(root, image, { headroomBytes: 16 << 20 });
-});
+  registry = await startTestRegistry();
+  const layout = path.join(work.path, "layout");
+  await writeOciLayout(layout, [
+    {
+      tag: "1",
+      image: {
+        layers: imageLayers(),
+        config: {
+          Cmd: ["httpd", "-f", "-v", "-p", "8080", "-h", "/www"],
+          Env: ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", `GREETING=it's a "VM" $(not run)`],
+          WorkingDir: "/www",
+          User: "www",
+          ExposedPorts: { "8080/tcp": {} },
+        },
+      },
+    },
+  ]);
+  await pushLayout(layout, "1", registry.host, "busybox-httpd");
+  svc = await startTestService(builderd, { env: { UNKEY_BUILDERD_INSECURE_REGISTRIES: registry.host } });
+  const client = createClient(BuilderService, svc.service.transport);
+  const headers = { "x-kiln-tenant-id": "e2e", "x-kiln-tenant-tier": "pro" };
+  const { buildId } = await client.createBuild(
+    {
+      config: {
+        source: {
+          sourceType: {
+            case: "dockerImage",
+            value: { imageUri: `docker://${registry.host}/busybox-httpd:1` },
+          },
+        },
+        target: {
+          targetType: {
+            case: "microvmRootfs",
+            value: { optimization: { removeDocs: true, removeCache: true } },
+          },
+        },
+      },
+    },
+    { headers },
+  );
+  for await (const _ of client.streamBuildLogs({ buildId, follow: true }, { headers })) {
+  }
+  const { build } = await client.getBuild({ buildId }, { headers });
+  expect(build?.errorMessage).toBe("");
+  expect(build?.state).toBe(api.BuildState.COMPLETED);
+  image = build!.rootfsPath;
+}, 180_000);
 
-afterAll(() => {
+afterAll(async () => {
+  await svc?.stop();
+  await registry?.stop();
   work?.remove();
 });
 
