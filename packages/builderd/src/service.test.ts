@@ -281,6 +281,24 @@ describe("builderd", () => {
     expect((err as ConnectError).code).toBe(Code.InvalidArgument);
   });
 
+  it("refuses, at once, a registry outside the tier's allow-list and local paths outside the operator's dirs", async () => {
+    const err = await createBuild("docker://registry.example.com/app:1", "free-tenant", { tier: "free" }).catch((e) =>
+      ConnectError.from(e),
+    );
+    expect((err as ConnectError).code).toBe(Code.PermissionDenied);
+    expect((err as ConnectError).rawMessage).toContain("registry.example.com");
+    const local = await createBuild("oci:/etc:latest").catch((e) => ConnectError.from(e));
+    expect((local as ConnectError).code).toBe(Code.PermissionDenied);
+    expect((local as ConnectError).rawMessage).toContain("UNKEY_BUILDERD_LOCAL_IMAGE_DIRS");
+    expect((await client.listBuilds({}, as("free-tenant", "free"))).totalCount).toBe(0);
+  });
+
+  it("builds from a local OCI layout inside the operator's dirs", async () => {
+    const build = await waitEnd((await createBuild(`oci:${path.join(work.path, "layout")}:1`, "local")).buildId, "local");
+    expect(build.errorMessage).toBe("");
+    expect(build.state).toBe(S.COMPLETED);
+  });
+
   it("refuses a registry on a loopback address the operator did not list", async () => {
     const build = await waitEnd((await createBuild("docker://127.0.0.1:1/app:1", "ssrf")).buildId, "ssrf");
     expect(build.state).toBe(S.FAILED);
