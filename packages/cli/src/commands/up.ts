@@ -8,10 +8,11 @@ import { startPlatform } from "../platform.js";
 export function upCommand(): Command {
   return new Command("up")
     .description("run all six services in this process on embedded defaults (SQLite, local storage)")
-    .option("--data-dir <dir>", "data directory (default: /var/lib/kiln as root, ~/.kiln otherwise)")
     .option("--logs <where>", "where service logs go: file (<data dir>/logs/kiln.log) or stdout", "file")
     .option("--json", "print where services listen as JSON")
-    .action(async (opts: { dataDir?: string; logs: string; json?: boolean }) => {
+    .action(async function (this: Command) {
+      // --data-dir is the program's global option (shared with the commands that call services).
+      const opts = this.optsWithGlobals() as { dataDir?: string; logs: string; json?: boolean };
       if (opts.logs !== "file" && opts.logs !== "stdout") {
         throw new Error(`--logs: expected file or stdout, got ${JSON.stringify(opts.logs)}`);
       }
