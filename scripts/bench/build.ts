@@ -65,6 +65,7 @@ export async function runBench(): Promise<void> {
 
     // Peer: skopeo copy → umoci raw unpack → mkfs.ext4 -d (sized like Kiln's image).
     const peerDir = path.join(work, "peer");
+    fs.mkdirSync(peerDir, { recursive: true });
     const [peerMs] = await timed(async () => {
       await run("skopeo", ["copy", "--src-tls-verify=false", ref, `oci:${peerDir}/oci:1`]);
       await run("umoci", ["raw", "unpack", "--image", `${peerDir}/oci:1`, `${peerDir}/rootfs`]);
@@ -101,7 +102,11 @@ export async function runBench(): Promise<void> {
           throw new Error(`build ${buildId} ended ${b?.state}: ${b?.errorMessage}`);
         return b;
       };
-      const [coldMs] = await timed(build);
+      const [coldMs, cold] = await timed(build);
+      const m = cold.metrics!;
+      process.stderr.write(
+        `kiln cold stages: pull ${m.pullDurationMs} ms, extract ${m.extractDurationMs} ms (overlapping the pull), init ${m.buildDurationMs} ms, optimize+mkfs ${m.optimizeDurationMs} ms\n`,
+      );
       const warm: number[] = [];
       for (let i = 0; i < 5; i++) warm.push((await timed(build))[0]);
       warm.sort((a, b) => a - b);

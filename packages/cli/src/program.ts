@@ -1,4 +1,5 @@
 import { Command } from "commander";
+import { assetsCommand } from "./commands/assets.js";
 import { buildCommand } from "./commands/build.js";
 import { buildsCommand } from "./commands/builds.js";
 import { configCommand } from "./commands/config.js";
@@ -26,6 +27,7 @@ export function createProgram(): Command {
     .addCommand(buildsCommand())
     .addCommand(serveCommand())
     .addCommand(statusCommand())
+    .addCommand(assetsCommand())
     .addCommand(migrateCommand())
     .addCommand(configCommand());
 }

@@ -1,0 +1,244 @@
+import { createHash, type Hash } from "node:crypto";
+import fs from "node:fs";
+import fsp from "node:fs/promises";
+import path from "node:path";
+import type { Readable } from "node:stream";
+import type { Logger } from "@kiln/kit";
+import {
+  type BlobInfo,
+  BlobNotFoundError,
+  type BlobStore,
+  type BlobWriter,
+  type CommitResult,
+  checkRef,
+  digestHex,
+  IngestInUseError,
+  verifyExpected,
+} from "./blob-store.js";
+
+/**
+ * Blobs as files under `root` (`<data dir>/assets`):
+ *
+ *   sha256/ab/<hex>   committed blobs, read-only (0444), published with link(2) so an existing
+ *                     blob is never replaced and a reader never sees a partial file
+ *   ingest/<ref>      writes in progress, hashed as they stream
+ *
+ * Commit: fsync the ingest file, verify, chmod 0444, link it to its digest path (EEXIST: the
+ * content is already stored), fsync that directory, unlink the ingest.
+ */
+export function createLocalBlobStore(opts: { root: string; log?: Logger }): BlobStore {
+  const root = path.resolve(opts.root);
+  const blobsDir = path.join(root, "sha256");
+  const ingestDir = path.join(root, "ingest");
+  const active = new Set<string>();
+  const blobPath = (digest: string) => {
+    const hex = digestHex(digest);
+    return path.join(blobsDir, hex.slice(0, 2), hex);
+  };
+
+  return {
+    backend: "local",
+
+    async stat(digest) {
+      const file = blobPath(digest);
+      try {
+        const st = await fsp.stat(file);
+        return { digest, size: st.size, location: file, modifiedAt: st.mtime };
+      } catch (err) {
+        if (isErrno(err, "ENOENT")) return undefined;
+        throw err;
+      }
+    },
+
+    async openRead(digest) {
+      const file = blobPath(digest);
+      const handle = await fsp.open(file, "r").catch((err: unknown) => {
+        if (isErrno(err, "ENOENT")) throw new BlobNotFoundError(digest);
+        throw err;
+      });
+      return handle.createReadStream({ highWaterMark: 1024 * 1024 }) as Readable;
+    },
+
+    localPath: blobPath,
+    location: blobPath,
+
+    async ingest(ref) {
+      checkRef(ref);
+      if (active.has(ref)) throw new IngestInUseError(ref);
+      active.add(ref);
+      try {
+        await fsp.mkdir(ingestDir, { recursive: true });
+        const file = path.join(ingestDir, ref);
+        // "w" truncates a stale leftover of the same ref: an ingest is not resumable through
+        // UploadAsset (the stream carries no offsets), so starting over is the only option.
+        const handle = await fsp.open(file, "w", 0o600);
+        return localWriter({ ref, file, handle, blobPath, log: opts.log, done: () => active.delete(ref) });
+      } catch (err) {
+        active.delete(ref);
+        throw err;
+      }
+    },
+
+    async delete(digest) {
+      try {
+        await fsp.unlink(blobPath(digest));
+        return true;
+      } catch (err) {
+        if (isErrno(err, "ENOENT")) return false;
+        throw err;
+      }
+    },
+
+    async *list(): AsyncIterable<BlobInfo> {
+      const prefixes = await readdirIfExists(blobsDir);
+      for (const prefix of prefixes.sort()) {
+        if (!/^[a-f0-9]{2}$/.test(prefix)) continue;
+        const dir = path.join(blobsDir, prefix);
+        for (const name of (await readdirIfExists(dir)).sort()) {
+          if (!/^[a-f0-9]{64}$/.test(name) || !name.startsWith(prefix)) continue;
+          const file = path.join(dir, name);
+          const st = await fsp.stat(file).catch(() => undefined);
+          if (st?.isFile())
+            yield { digest: `sha256:${name}`, size: st.size, location: file, modifiedAt: st.mtime };
+        }
+      }
+    },
+
+    async cleanup({ olderThan }) {
+      let removed = 0;
+      for (const name of await readdirIfExists(ingestDir)) {
+        if (active.has(name)) continue;
+        const file = path.join(ingestDir, name);
+        const st = await fsp.lstat(file).catch(() => undefined);
+        if (!st || st.mtimeMs >= olderThan.getTime()) continue;
+        await fsp.rm(file, { recursive: true, force: true });
+        removed++;
+      }
+      return removed;
+    },
+
+    async close() {},
+  };
+}
+
+function localWriter(w: {
+  ref: string;
+  file: string;
+  handle: fsp.FileHandle;
+  blobPath: (digest: string) => string;
+  log: Logger | undefined;
+  done: () => void;
+}): BlobWriter {
+  const hash: Hash = createHash("sha256");
+  let size = 0;
+  let finished = false;
+  let closed = false;
+  // Writes go out at explicit offsets, a few at a time, so the next chunk arrives and is hashed
+  // while the previous ones are still being written.
+  const inflight = new Set<Promise<void>>();
+  let failure: unknown;
+  const settle = () => Promise.allSettled([...inflight]);
+  const close = async () => {
+    if (closed) return;
+    closed = true;
+    await w.handle.close();
+  };
+  const discard = async () => {
+    finished = true;
+    await settle();
+    await close().catch(() => {});
+    await fsp.rm(w.file, { force: true });
+    w.done();
+  };
+  return {
+    ref: w.ref,
+    get size() {
+      return size;
+    },
+    async write(chunk) {
+      if (finished) throw new Error(`ingest ${w.ref} is finished`);
+      if (failure) throw failure;
+      const at = size;
+      size += chunk.byteLength;
+      const written: Promise<void> = writeAllAt(w.handle, chunk, at).catch((err: unknown) => {
+        failure ??= err;
+      });
+      const tracked = written.finally(() => inflight.delete(tracked));
+      inflight.add(tracked);
+      hash.update(chunk);
+      while (inflight.size >= MAX_INFLIGHT_WRITES) await Promise.race(inflight);
+      if (failure) throw failure;
+    },
+    digest: () => `sha256:${hash.copy().digest("hex")}`,
+    async commit(expected): Promise<CommitResult> {
+      if (finished) throw new Error(`ingest ${w.ref} is finished`);
+      finished = true;
+      try {
+        await settle();
+        if (failure) throw failure;
+        await w.handle.sync();
+        await close();
+        const digest = `sha256:${hash.digest("hex")}`;
+        verifyExpected({ digest, size }, expected);
+        const target = w.blobPath(digest);
+        await fsp.chmod(w.file, 0o444);
+        await fsp.mkdir(path.dirname(target), { recursive: true });
+        let created = true;
+        try {
+          await fsp.link(w.file, target);
+        } catch (err) {
+          if (!isErrno(err, "EEXIST")) throw err;
+          created = false;
+        }
+        // Past the point of no return: the blob is visible, so a failure to make its name
+        // durable is logged, not returned (a crash would at worst lose the blob again).
+        if (created) {
+          await fsyncDir(path.dirname(target)).catch((err: unknown) =>
+            w.log?.warn({ err, digest }, "could not fsync the blob directory"),
+          );
+        }
+        return { digest, size, created };
+      } finally {
+        await close().catch(() => {});
+        await fsp.rm(w.file, { force: true }).catch(() => {});
+        w.done();
+      }
+    },
+    async abort() {
+      if (finished) return;
+      await discard();
+    },
+  };
+}
+
+const MAX_INFLIGHT_WRITES = 4;
+
+async function writeAllAt(handle: fsp.FileHandle, chunk: Uint8Array, position: number): Promise<void> {
+  let offset = 0;
+  while (offset < chunk.byteLength) {
+    const { bytesWritten } = await handle.write(chunk, offset, chunk.byteLength - offset, position + offset);
+    offset += bytesWritten;
+  }
+}
+
+export async function fsyncDir(dir: string): Promise<void> {
+  const handle = await fsp.open(dir, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
+  try {
+    await handle.sync();
+  } finally {
+    await handle.close();
+  }
+}
+
+async function readdirIfExists(dir: string): Promise<string[]> {
+  try {
+    return await fsp.readdir(dir);
+  } catch (err) {
+    if (isErrno(err, "ENOENT")) return [];
+    throw err;
+  }
+}
+
+export function isErrno(err: unknown, ...codes: string[]): boolean {
+  return typeof err === "object" && err !== null && codes.includes((err as NodeJS.ErrnoException).code ?? "");
+}
