@@ -14,6 +14,7 @@ import path from "node:path";
 import { promisify } from "node:util";
 import { createClient } from "@connectrpc/connect";
 import { builderd as api, BuilderService } from "@kiln/api";
+import { assetmanagerd } from "@kiln/assetmanagerd";
 import { builderd } from "@kiln/builderd";
 import { startService } from "@kiln/kit";
 import { captureLogs } from "@kiln/kit/testing";
@@ -75,17 +76,23 @@ export async function runBench(): Promise<void> {
       await run("mkfs.ext4", ["-q", "-F", "-d", `${peerDir}/rootfs`, `${peerDir}/rootfs.ext4`, `${size}M`]);
     });
 
-    // Kiln: builderd in this process, empty data dir.
+    // Kiln: builderd and assetmanagerd in this process on an empty data dir, as `kiln up` runs
+    // them: every rootfs is registered as an asset.
     const dataDir = path.join(work, "kiln");
+    const quiet = { logDestination: captureLogs().destination };
+    const assets = await startService(assetmanagerd, {
+      env: { UNKEY_ASSETMANAGERD_PORT: "0", UNKEY_ASSETMANAGERD_METRICS_PORT: "0", UNKEY_ASSETMANAGERD_DATA_DIR: dataDir },
+      ...quiet,
+    });
     const svc = await startService(builderd, {
       env: {
         UNKEY_BUILDERD_PORT: "0",
         UNKEY_BUILDERD_METRICS_PORT: "0",
         UNKEY_BUILDERD_DATA_DIR: dataDir,
         UNKEY_BUILDERD_INSECURE_REGISTRIES: registry.host,
-        UNKEY_BUILDERD_LOG_LEVEL: "warn",
       },
-      logDestination: captureLogs().destination,
+      peerTransport: () => assets.transport,
+      ...quiet,
     });
     try {
       const client = createClient(BuilderService, svc.transport);
@@ -126,6 +133,7 @@ export async function runBench(): Promise<void> {
       );
     } finally {
       await svc.stop();
+      await assets.stop();
     }
   } finally {
     await registry.stop();

@@ -1,4 +1,4 @@
-import { type ConfigSpec, int, list, str } from "@kiln/kit";
+import { bool, type ConfigSpec, int, list, str } from "@kiln/kit";
 
 const HOST_PORT = /^[A-Za-z0-9.-]+(:\d{1,5})?$|^\[[0-9a-fA-F:]+\](:\d{1,5})?$/;
 
@@ -15,6 +15,10 @@ export const settings = {
     item: /^\//,
     form: "a comma-separated list of absolute directories",
     doc: "Directories oci:, oci-archive: and docker-archive: sources may read from. Empty: local sources are refused.",
+  }),
+  registerAssets: bool({
+    default: true,
+    doc: "Register every finished rootfs with assetmanagerd (which then owns the file). false: keep it as a local file in the build directory (builderd without assetmanagerd).",
   }),
   maxConcurrentBuilds: int({
     default: 2,

@@ -1,6 +1,7 @@
 import { BuilderService } from "@kiln/api";
 import { defineService, tierLimits } from "@kiln/kit";
 import type { Kysely } from "kysely";
+import { createRootfsAssets } from "./builds/assets.js";
 import { createBuildEvents } from "./builds/events.js";
 import { createBuildManager } from "./builds/manager.js";
 import { layerCacheDir } from "./builds/paths.js";
@@ -18,13 +19,15 @@ export const builderd = defineService({
   settings,
   peers: ["assetmanagerd"],
   migrations,
-  async create({ config, db, dataDir, log, metrics }) {
+  async create({ config, db, dataDir, log, metrics, peers }) {
     const store = createBuildStore(db.db as Kysely<BuilderDb>);
     const caches = new Map<string, ReturnType<typeof createLayerCache>>();
     const manager = createBuildManager({
       store,
       events: createBuildEvents(store, log),
       dataDir,
+      assets:
+        config.registerAssets && peers.assetmanagerd ? createRootfsAssets(peers.assetmanagerd) : undefined,
       limits: tierLimits(),
       cacheFor(tenantId) {
         const cache = caches.get(tenantId) ?? createLayerCache(layerCacheDir(dataDir, tenantId));

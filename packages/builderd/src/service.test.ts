@@ -6,7 +6,8 @@ import path from "node:path";
 import { promisify } from "node:util";
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import { createConnectTransport } from "@connectrpc/connect-node";
-import { builderd as api, BuilderService } from "@kiln/api";
+import { AssetManagerService, builderd as api, BuilderService } from "@kiln/api";
+import { assetmanagerd } from "@kiln/assetmanagerd";
 import { startTestService, type TestService, tempDir } from "@kiln/kit/testing";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { builderd } from "./definition.js";
@@ -95,6 +96,7 @@ describe("builderd", () => {
   let registry: Awaited<ReturnType<typeof startTestRegistry>>;
   let gate: Awaited<ReturnType<typeof gatedFront>>;
   let svc: TestService;
+  let assets: TestService;
   let client: ReturnType<typeof createClient<typeof BuilderService>>;
   const as = (tenant: string, tier = "pro") => ({
     headers: { "x-kiln-service-token": svc.token, "x-kiln-tenant-id": tenant, "x-kiln-tenant-tier": tier },
@@ -146,11 +148,19 @@ describe("builderd", () => {
     await pushLayout(layout, "1", registry.host, "app");
     await pushLayout(layout, "evil", registry.host, "evil");
     gate = await gatedFront(registry.host);
+    // builderd registers every rootfs with a real assetmanagerd, which imports it from
+    // builderd's data dir (as under `kiln up`, where they share one).
+    const builderData = path.join(work.path, "builderd-data");
+    assets = await startTestService(assetmanagerd, {
+      env: { UNKEY_ASSETMANAGERD_IMPORT_DIRS: path.join(builderData, "tenants") },
+    });
     svc = await startTestService(builderd, {
       env: {
+        UNKEY_BUILDERD_DATA_DIR: builderData,
         UNKEY_BUILDERD_INSECURE_REGISTRIES: `${registry.host},${gate.host}`,
         UNKEY_BUILDERD_LOCAL_IMAGE_DIRS: work.path,
       },
+      peerTransport: () => assets.service.transport,
     });
     client = createClient(
       BuilderService,
@@ -161,6 +171,7 @@ describe("builderd", () => {
   afterAll(async () => {
     gate?.release();
     await svc?.stop();
+    await assets?.stop();
     gate?.close();
     await registry?.stop();
     work.remove();
@@ -176,6 +187,22 @@ describe("builderd", () => {
     expect(build.progressPercent).toBe(100);
     expect(build.rootfsChecksum).toMatch(/^sha256:[0-9a-f]{64}$/);
     expect(fs.statSync(build.rootfsPath).size).toBe(Number(build.rootfsSizeBytes));
+    // Registered with assetmanagerd, which owns the file now (the build dir keeps no copy).
+    const assetClient = createClient(AssetManagerService, assets.service.transport);
+    const { asset } = await assetClient.getAsset(
+      { id: build.assetId },
+      { headers: { "x-kiln-tenant-id": "acme" } },
+    );
+    expect(asset).toMatchObject({
+      checksum: build.rootfsChecksum,
+      location: build.rootfsPath,
+      buildId: build.buildId,
+    });
+    expect(asset?.labels.docker_image).toBe(image("app:1"));
+    expect(asset?.imageConfig?.command).toEqual(appConfig.Cmd);
+    expect(
+      fs.existsSync(path.join(svc.dataDir, "tenants", "acme", "builds", build.buildId, "rootfs.ext4")),
+    ).toBe(false);
     expect(build.imageMetadata).toMatchObject({
       command: appConfig.Cmd,
       env: { PATH: "/bin", GREETING: "hi" },
@@ -220,17 +247,21 @@ describe("builderd", () => {
     expect(replay).toEqual(lines);
   });
 
-  it("builds the same image again without downloading anything, reusing the rootfs", async () => {
+  it("builds the same image again without downloading anything, returning the same asset", async () => {
     const first = await waitEnd((await createBuild(image("app:1"), "reuse")).buildId, "reuse");
     const again = await waitEnd((await createBuild(image("app:1"), "reuse")).buildId, "reuse");
     expect(again.state).toBe(S.COMPLETED);
+    expect(again.assetId).toBe(first.assetId);
     expect(again.rootfsChecksum).toBe(first.rootfsChecksum);
-    expect(again.rootfsPath).not.toBe(first.rootfsPath);
     expect(again.metrics?.bytesDownloaded).toBe(0n);
-    // Deleting the first build leaves the second's rootfs intact (its own hard link).
+    expect(again.currentStep).toBe(`reused the rootfs of ${first.buildId}`);
+    // Deleting a build does not delete the asset others use.
     await client.deleteBuild({ buildId: first.buildId }, as("reuse"));
-    expect(fs.existsSync(first.rootfsPath)).toBe(false);
     expect(fs.existsSync(again.rootfsPath)).toBe(true);
+    // Another tenant building the same image gets its own asset (on the same stored bytes).
+    const other = await waitEnd((await createBuild(image("app:1"), "reuse-b")).buildId, "reuse-b");
+    expect(other.assetId).not.toBe(first.assetId);
+    expect(other.rootfsChecksum).not.toBe("");
   });
 
   it("keeps tenants apart: another tenant's build is not found", async () => {
@@ -282,9 +313,9 @@ describe("builderd", () => {
   });
 
   it("refuses, at once, a registry outside the tier's allow-list and local paths outside the operator's dirs", async () => {
-    const err = await createBuild("docker://registry.example.com/app:1", "free-tenant", { tier: "free" }).catch((e) =>
-      ConnectError.from(e),
-    );
+    const err = await createBuild("docker://registry.example.com/app:1", "free-tenant", {
+      tier: "free",
+    }).catch((e) => ConnectError.from(e));
     expect((err as ConnectError).code).toBe(Code.PermissionDenied);
     expect((err as ConnectError).rawMessage).toContain("registry.example.com");
     const local = await createBuild("oci:/etc:latest").catch((e) => ConnectError.from(e));
@@ -294,7 +325,10 @@ describe("builderd", () => {
   });
 
   it("builds from a local OCI layout inside the operator's dirs", async () => {
-    const build = await waitEnd((await createBuild(`oci:${path.join(work.path, "layout")}:1`, "local")).buildId, "local");
+    const build = await waitEnd(
+      (await createBuild(`oci:${path.join(work.path, "layout")}:1`, "local")).buildId,
+      "local",
+    );
     expect(build.errorMessage).toBe("");
     expect(build.state).toBe(S.COMPLETED);
   });

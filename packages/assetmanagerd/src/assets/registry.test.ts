@@ -219,7 +219,7 @@ describe.each<TestDialect>(["sqlite", "postgres"])("asset registry on %s", (dial
   });
 
   describe("registering", () => {
-    it("imports a host file from an allowed directory as a copy, for internal callers only", async () => {
+    it("imports a host file from an allowed directory by hard link, for internal callers only", async () => {
       fx = await openTestRegistry(dialect);
       const dir = fx.settings.importDirs[0]!;
       fs.mkdirSync(dir, { recursive: true });
@@ -232,8 +232,10 @@ describe.each<TestDialect>(["sqlite", "postgres"])("asset registry on %s", (dial
       );
       const asset = await fx.registry.register(tenantA, input, "internal");
       expect(asset).toMatchObject({ status: "AVAILABLE", checksum: sha256(bytes), sizeBytes: bytes.length });
-      // The store holds its own copy: changing the source changes nothing.
-      fs.writeFileSync(file, "changed");
+      // On the store's filesystem the file itself becomes the blob (no copy), made read-only; the
+      // importer (builderd) then drops its own name for it.
+      expect(fs.statSync(asset.location).ino).toBe(fs.statSync(file).ino);
+      expect(fs.statSync(file).mode & 0o777).toBe(0o444);
       expect(fs.readFileSync(asset.location).equals(bytes)).toBe(true);
     });
 

@@ -318,13 +318,14 @@ export function createAssetRegistry(deps: RegistryDeps) {
     row: AssetRow,
     expected: { size?: number; checksum?: string },
     content: (writer: BlobWriter, limit: number) => Promise<void>,
+    adopt?: (ref: string) => Promise<BlobWriter | undefined>,
   ): Promise<{ asset: Asset; deduplicated: boolean }> {
     let writer: BlobWriter | undefined;
     let digest: string | undefined;
     const started = performance.now();
     try {
       const limit = await checkSize(tenant, 0, Number(row.size_bytes));
-      writer = await blobs.ingest(`asset-${row.id}`);
+      writer = (await adopt?.(`asset-${row.id}`)) ?? (await blobs.ingest(`asset-${row.id}`));
       await content(writer, limit);
       const streamed = performance.now();
       const actual = { digest: writer.digest(), size: writer.size };
@@ -447,9 +448,15 @@ export function createAssetRegistry(deps: RegistryDeps) {
         );
       }
       const row = await reserve(tenant, { ...input, sizeBytes: size });
+      // On the store's filesystem the file is taken by hard link and only read to hash it
+      // (builderd's rootfs images: no second copy of hundreds of MB).
       return (
-        await ingestInto(tenant, row, { size, checksum: input.checksum }, (w, limit) =>
-          fill(w, fs.createReadStream(file, { highWaterMark: 4 * 1024 * 1024 }), limit, tenant),
+        await ingestInto(
+          tenant,
+          row,
+          { size, checksum: input.checksum },
+          (w, limit) => fill(w, fs.createReadStream(file, { highWaterMark: 4 * 1024 * 1024 }), limit, tenant),
+          blobs.adopt ? (ref) => blobs.adopt!(ref, file) : undefined,
         )
       ).asset;
     }

@@ -82,6 +82,13 @@ export interface BlobIngester {
    * written by this process is refused (AlreadyExists); a stale leftover under it is discarded.
    */
   ingest(ref: string): Promise<BlobWriter>;
+  /**
+   * Local stores: starts an ingest that takes `file`'s bytes by hard link instead of a copy
+   * (`write` then only hashes what the caller reads from the file). Undefined when the file is on
+   * another filesystem or the backend cannot link; stream it through `ingest` then. The file must
+   * not change afterwards: it becomes the blob.
+   */
+  adopt?(ref: string, file: string): Promise<BlobWriter | undefined>;
 }
 
 /** Lists, deletes and tidies blobs (the garbage collector's view). */

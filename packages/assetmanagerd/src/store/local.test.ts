@@ -49,3 +49,54 @@ describe("local blob store layout", () => {
     }
   });
 });
+
+describe("local blob store: adopting a file by hard link", () => {
+  const setup = () => {
+    const dir = tempDir("kiln-adopt-");
+    const store = createLocalBlobStore({ root: path.join(dir.path, "assets") });
+    const source = path.join(dir.path, "rootfs.ext4");
+    fs.writeFileSync(source, Buffer.alloc(3 * 1024 * 1024, 7));
+    return { dir, store, source };
+  };
+  const hashInto = async (w: { write(c: Uint8Array): Promise<void> }, file: string) => {
+    for await (const chunk of fs.createReadStream(file)) await w.write(chunk as Buffer);
+  };
+
+  it("publishes the file itself as the blob, without a copy", async () => {
+    const { dir, store, source } = setup();
+    try {
+      const w = await store.adopt!("asset-a", source);
+      expect(w).toBeDefined();
+      await hashInto(w!, source);
+      const digest = sha256(fs.readFileSync(source));
+      const r = await w!.commit({ digest, size: 3 * 1024 * 1024 });
+      expect(r).toEqual({ digest, size: 3 * 1024 * 1024, created: true });
+      const blob = store.localPath(digest)!;
+      expect(fs.statSync(blob).ino).toBe(fs.statSync(source).ino);
+      expect(fs.statSync(blob).mode & 0o777).toBe(0o444);
+      expect(fs.readdirSync(path.join(dir.path, "assets", "ingest"))).toEqual([]);
+    } finally {
+      dir.remove();
+    }
+  });
+
+  it("keeps nothing and leaves the source alone on a digest mismatch", async () => {
+    const { dir, store, source } = setup();
+    try {
+      const w = await store.adopt!("asset-b", source);
+      await hashInto(w!, source);
+      await expect(w!.commit({ digest: `sha256:${"0".repeat(64)}` })).rejects.toThrow(/checksum mismatch/);
+      expect([...(await collect(store.list()))]).toEqual([]);
+      expect(fs.statSync(source).nlink).toBe(1);
+      expect(fs.statSync(source).mode & 0o777).not.toBe(0o444);
+    } finally {
+      dir.remove();
+    }
+  });
+});
+
+async function collect<T>(it: AsyncIterable<T>): Promise<T[]> {
+  const out: T[] = [];
+  for await (const x of it) out.push(x);
+  return out;
+}

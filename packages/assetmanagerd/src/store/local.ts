@@ -79,6 +79,39 @@ export function createLocalBlobStore(opts: { root: string; log?: Logger }): Blob
       }
     },
 
+    async adopt(ref, source) {
+      checkRef(ref);
+      if (active.has(ref)) throw new IngestInUseError(ref);
+      active.add(ref);
+      try {
+        await fsp.mkdir(ingestDir, { recursive: true });
+        const file = path.join(ingestDir, ref);
+        await fsp.rm(file, { force: true });
+        try {
+          await fsp.link(source, file);
+        } catch (err) {
+          if (isErrno(err, "EXDEV", "EPERM", "EMLINK")) {
+            active.delete(ref);
+            return undefined;
+          }
+          throw err;
+        }
+        const handle = await fsp.open(file, "r");
+        return localWriter({
+          ref,
+          file,
+          handle,
+          blobPath,
+          log: opts.log,
+          done: () => active.delete(ref),
+          adopted: true,
+        });
+      } catch (err) {
+        active.delete(ref);
+        throw err;
+      }
+    },
+
     async delete(digest) {
       try {
         await fsp.unlink(blobPath(digest));
@@ -128,6 +161,8 @@ function localWriter(w: {
   blobPath: (digest: string) => string;
   log: Logger | undefined;
   done: () => void;
+  /** The ingest file already holds the bytes (adopt): `write` only hashes. */
+  adopted?: boolean;
 }): BlobWriter {
   const hash: Hash = createHash("sha256");
   let size = 0;
@@ -160,6 +195,10 @@ function localWriter(w: {
       if (failure) throw failure;
       const at = size;
       size += chunk.byteLength;
+      if (w.adopted) {
+        hash.update(chunk);
+        return;
+      }
       const written: Promise<void> = writeAllAt(w.handle, chunk, at).catch((err: unknown) => {
         failure ??= err;
       });

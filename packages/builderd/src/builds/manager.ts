@@ -14,6 +14,7 @@ import { BuildNotFoundError, QuotaExceededError } from "../errors.js";
 import type { BuilderMetrics } from "../metrics.js";
 import { checkRegistryAllowed, resolveLocalPath } from "../sources/policy.js";
 import { parseImageRef } from "../sources/reference.js";
+import type { RootfsAssets } from "./assets.js";
 import type { BuildEvent, BuildEvents, Progress } from "./events.js";
 import { buildPaths } from "./paths.js";
 import { type BuildOutput, type BuildSpec, runPipeline } from "./pipeline.js";
@@ -32,6 +33,8 @@ export interface BuildSettings {
 
 export interface BuildManagerDeps {
   store: BuildStore;
+  /** Where finished rootfs images are registered; without it they stay as local files. */
+  assets?: RootfsAssets;
   events: BuildEvents;
   dataDir: string;
   limits: LimitsResolver;
@@ -47,6 +50,18 @@ export interface CreateBuildInput {
   configJson: string;
   timeoutSeconds: number;
   idempotencyKey: string;
+}
+
+/** The rootfs was built but assetmanagerd would not take it. */
+class RegistrationError extends Error {
+  constructor(cause: unknown) {
+    super(
+      `could not register the rootfs with assetmanagerd: ${cause instanceof Error ? cause.message : String(cause)}`,
+      {
+        cause,
+      },
+    );
+  }
 }
 
 /** Why a running build was stopped. */
@@ -192,6 +207,7 @@ export function createBuildManager(deps: BuildManagerDeps) {
         layerConcurrency: deps.settings.layerConcurrency,
         tiniPath: deps.settings.tiniPath,
         busyboxPath: deps.settings.busyboxPath,
+        checksum: !deps.assets,
         log: blog,
         signal: abort.signal,
         report: {
@@ -220,6 +236,27 @@ export function createBuildManager(deps: BuildManagerDeps) {
           metrics.pullDuration.observe({ registry }, seconds);
         },
       });
+      if (deps.assets && !output.assetId) {
+        events.log(buildId, "info", "register", "registering the rootfs with assetmanagerd");
+        const reg = await deps.assets
+          .register(tenant, {
+            buildId,
+            file: output.rootfsPath,
+            checksum: output.rootfsChecksum || undefined,
+            image: output.image,
+          })
+          .catch((err: unknown) => {
+            throw new RegistrationError(err);
+          });
+        // assetmanagerd now owns the image (it took the file by hard link): drop our name for it.
+        await fs.rm(output.rootfsPath, { force: true });
+        Object.assign(output, {
+          rootfsPath: reg.location,
+          rootfsChecksum: reg.checksum,
+          assetId: reg.assetId,
+        });
+        events.log(buildId, "info", "register", `rootfs asset ${reg.assetId}`, { checksum: reg.checksum });
+      }
       progress.stage = "completed";
       progress.step = output.reusedFrom ? `reused the rootfs of ${output.reusedFrom}` : "done";
       progress.percent = 100;
@@ -234,6 +271,7 @@ export function createBuildManager(deps: BuildManagerDeps) {
         rootfs_path: output.rootfsPath,
         rootfs_size_bytes: output.rootfsSizeBytes,
         rootfs_checksum: output.rootfsChecksum,
+        asset_id: output.assetId ?? null,
         image_metadata_json: JSON.stringify(output.image),
         metrics_json: JSON.stringify({ ...output.metrics, totalDurationMs: completedAt - started }),
         progress_percent: 100,
@@ -283,6 +321,24 @@ export function createBuildManager(deps: BuildManagerDeps) {
   ): Promise<BuildOutput | undefined> {
     const prior = await store.completedByDedupeKey(tenant.tenantId, dedupeKey, buildId);
     if (!prior?.rootfs_path || !prior.image_metadata_json) return undefined;
+    const shared = {
+      dedupeKey,
+      image: JSON.parse(prior.image_metadata_json),
+      metrics: { ...JSON.parse(prior.metrics_json ?? "{}"), layersDownloaded: 0, bytesDownloaded: 0 },
+      reusedFrom: prior.build_id,
+      rootfsSizeBytes: prior.rootfs_size_bytes ?? 0,
+    };
+    if (deps.assets) {
+      // The registered asset is the result; if it was deleted since, build again.
+      const asset = prior.asset_id ? await deps.assets.find(tenant, prior.asset_id) : undefined;
+      if (!asset) return undefined;
+      return {
+        ...shared,
+        rootfsPath: asset.location,
+        rootfsChecksum: asset.checksum,
+        assetId: prior.asset_id!,
+      };
+    }
     try {
       await fs.mkdir(buildPaths(deps.dataDir, tenant.tenantId, buildId).root, { recursive: true });
       await fs.link(prior.rootfs_path, artifact);
@@ -290,15 +346,7 @@ export function createBuildManager(deps: BuildManagerDeps) {
       if ((err as NodeJS.ErrnoException).code === "ENOENT") return undefined; // its artifact is gone: build again
       throw err;
     }
-    return {
-      dedupeKey,
-      rootfsPath: artifact,
-      rootfsSizeBytes: prior.rootfs_size_bytes ?? 0,
-      rootfsChecksum: prior.rootfs_checksum ?? "",
-      image: JSON.parse(prior.image_metadata_json),
-      metrics: { ...JSON.parse(prior.metrics_json ?? "{}"), layersDownloaded: 0, bytesDownloaded: 0 },
-      reusedFrom: prior.build_id,
-    };
+    return { ...shared, rootfsPath: artifact, rootfsChecksum: prior.rootfs_checksum ?? "" };
   }
 
   return {

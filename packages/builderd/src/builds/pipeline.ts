@@ -55,6 +55,8 @@ export interface BuildOutput {
   metrics: BuildMetrics;
   /** Set when an earlier build's output was reused instead of building. */
   reusedFrom?: string;
+  /** The registered rootfs asset, when the output is (or was reused from) one. */
+  assetId?: string;
 }
 
 /** How the pipeline reports; the manager persists and broadcasts. */
@@ -78,6 +80,8 @@ export interface PipelineDeps {
   layerConcurrency: number;
   tiniPath: string;
   busyboxPath: string;
+  /** Hash the ext4 image here; off when assetmanagerd hashes it while registering it. */
+  checksum: boolean;
   log: Logger;
   report: Reporter;
   signal: AbortSignal;
@@ -243,11 +247,11 @@ export async function runPipeline(spec: BuildSpec, deps: PipelineDeps): Promise<
       });
     }
     report.progress({ step: "making the ext4 image" });
-    const ext4 = await buildExt4(paths.rootfs, paths.artifact, { signal });
+    const ext4 = await buildExt4(paths.rootfs, paths.artifact, { signal, checksum: deps.checksum });
     if (spec.optimization.maxSizeBytes > 0 && ext4.sizeBytes > spec.optimization.maxSizeBytes) {
       throw new RootfsTooLargeError(ext4.sizeBytes, spec.optimization.maxSizeBytes);
     }
-    report.log("info", "mkfs", `ext4 image ${ext4.sha256}`, { bytes: ext4.sizeBytes });
+    report.log("info", "mkfs", `ext4 image ${ext4.sha256 ?? "made"}`, { bytes: ext4.sizeBytes });
     // The tree is now inside the image; keep only the artifact and metadata.
     await fsp.rm(paths.rootfs, { recursive: true, force: true });
     await fsp.rm(paths.temp, { recursive: true, force: true });
@@ -257,7 +261,7 @@ export async function runPipeline(spec: BuildSpec, deps: PipelineDeps): Promise<
       dedupeKey,
       rootfsPath: paths.artifact,
       rootfsSizeBytes: ext4.sizeBytes,
-      rootfsChecksum: ext4.sha256,
+      rootfsChecksum: ext4.sha256 ?? "",
       image: metadata,
       metrics: {
         pullDurationMs: Math.round(pullDurationMs),

@@ -15,6 +15,8 @@ export interface Ext4Options {
   label?: string;
   /** The mkfs.ext4 to run (default: /usr/sbin/mkfs.ext4, /sbin/mkfs.ext4, then PATH). */
   mkfsPath?: string;
+  /** Compute the image's sha256 (default true). Off when assetmanagerd hashes it on registration anyway. */
+  checksum?: boolean;
   signal?: AbortSignal;
 }
 
@@ -43,7 +45,7 @@ export async function buildExt4(
   rootfs: string,
   outFile: string,
   opts: Ext4Options = {},
-): Promise<{ sizeBytes: number; sha256: string }> {
+): Promise<{ sizeBytes: number; sha256: string | undefined }> {
   const st = await fs.stat(rootfs).catch(() => undefined);
   if (!st?.isDirectory()) {
     throw new FailedPreconditionError(
@@ -101,8 +103,9 @@ export async function buildExt4(
     }
   }
 
+  if (opts.checksum === false) return { sizeBytes: size, sha256: undefined };
   const hash = createHash("sha256");
-  await pipeline(createReadStream(outFile), hash, { signal: opts.signal });
+  await pipeline(createReadStream(outFile, { highWaterMark: MiB }), hash, { signal: opts.signal });
   return { sizeBytes: size, sha256: `sha256:${hash.digest("hex")}` };
 }
 

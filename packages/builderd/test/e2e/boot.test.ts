@@ -13,6 +13,7 @@ import net from "node:net";
 import path from "node:path";
 import { createClient } from "@connectrpc/connect";
 import { builderd as api, BuilderService } from "@kiln/api";
+import { assetmanagerd } from "@kiln/assetmanagerd";
 import { startTestService, type TestService, tempDir } from "@kiln/kit/testing";
 import { afterAll, beforeAll, describe, expect, it, onTestFailed } from "vitest";
 import { findHostKernel } from "../../../assetmanagerd/src/kernel/host-kernel.js";
@@ -32,6 +33,7 @@ let initrd: string;
 let image: string;
 let registry: Awaited<ReturnType<typeof startTestRegistry>> | undefined;
 let svc: TestService | undefined;
+let assets: TestService | undefined;
 
 /** The image's two layers: busybox + applets and users; then the site, a CGI script, docs and a cache. */
 function imageLayers(): EntrySpec[][] {
@@ -94,7 +96,15 @@ beforeAll(async () => {
     },
   ]);
   await pushLayout(layout, "1", registry.host, "busybox-httpd");
-  svc = await startTestService(builderd, { env: { UNKEY_BUILDERD_INSECURE_REGISTRIES: registry.host } });
+  // As under `kiln up`: builderd registers the rootfs with assetmanagerd, which owns the file.
+  const builderData = path.join(work.path, "builderd-data");
+  assets = await startTestService(assetmanagerd, {
+    env: { UNKEY_ASSETMANAGERD_IMPORT_DIRS: path.join(builderData, "tenants") },
+  });
+  svc = await startTestService(builderd, {
+    env: { UNKEY_BUILDERD_DATA_DIR: builderData, UNKEY_BUILDERD_INSECURE_REGISTRIES: registry.host },
+    peerTransport: () => assets!.service.transport,
+  });
   const client = createClient(BuilderService, svc.service.transport);
   const headers = { "x-kiln-tenant-id": "e2e", "x-kiln-tenant-tier": "pro" };
   const { buildId } = await client.createBuild(
@@ -126,6 +136,7 @@ beforeAll(async () => {
 
 afterAll(async () => {
   await svc?.stop();
+  await assets?.stop();
   await registry?.stop();
   work?.remove();
 });

@@ -99,10 +99,11 @@ export async function startTestService<S extends ConfigSpec>(
     throw err;
   }
   const token =
-    env[`${prefix}SERVICE_TOKEN`] ?? fs.readFileSync(path.join(dir.path, "service-token"), "utf8").trim();
+    env[`${prefix}SERVICE_TOKEN`] ??
+    fs.readFileSync(path.join(service.dataDir, "service-token"), "utf8").trim();
   return {
     service,
-    dataDir: dir.path,
+    dataDir: service.dataDir,
     logs: logs.lines,
     token,
     baseUrl: `http://127.0.0.1:${service.api.port}`,
