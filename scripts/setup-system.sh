@@ -7,6 +7,7 @@ set -euo pipefail
 # package → why Kiln needs it
 declare -A WHY=(
   [qemu-system-x86]="QEMU microvm backend (metald)"
+  [qemu-utils]="qemu-img: per-VM copy-on-write overlays over the shared rootfs (metald)"
   [linux-image-cloud-amd64]="guest kernel for the QEMU backend (kiln assets import-kernel)"
   [runsc]="gVisor backend (metald)"
   [runc]="runc backend (metald)"
@@ -21,7 +22,7 @@ declare -A WHY=(
   [iptables]="port forwarding and egress rules in Kiln's own chains (metald)"
   [ca-certificates]="TLS to registries"
 )
-ORDER=(qemu-system-x86 linux-image-cloud-amd64 runsc runc e2fsprogs busybox-static tini docker-registry skopeo umoci apache2-utils iproute2 iptables ca-certificates)
+ORDER=(qemu-system-x86 qemu-utils linux-image-cloud-amd64 runsc runc e2fsprogs busybox-static tini docker-registry skopeo umoci apache2-utils iproute2 iptables ca-certificates)
 
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 

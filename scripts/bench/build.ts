@@ -81,7 +81,11 @@ export async function runBench(): Promise<void> {
     const dataDir = path.join(work, "kiln");
     const quiet = { logDestination: captureLogs().destination };
     const assets = await startService(assetmanagerd, {
-      env: { UNKEY_ASSETMANAGERD_PORT: "0", UNKEY_ASSETMANAGERD_METRICS_PORT: "0", UNKEY_ASSETMANAGERD_DATA_DIR: dataDir },
+      env: {
+        UNKEY_ASSETMANAGERD_PORT: "0",
+        UNKEY_ASSETMANAGERD_METRICS_PORT: "0",
+        UNKEY_ASSETMANAGERD_DATA_DIR: dataDir,
+      },
       ...quiet,
     });
     const svc = await startService(builderd, {

@@ -5,6 +5,7 @@
 const benches: Record<string, () => Promise<{ run(args: string[]): Promise<void> }>> = {
   assets: () => import("./assets.js"),
   build: () => import("./build.js"),
+  sampling: () => import("./sampling.js"),
 };
 
 const [name, ...args] = process.argv.slice(2);

@@ -83,7 +83,8 @@ describe("kiln up (all services in one process)", () => {
               [Code.Unimplemented, Code.InvalidArgument, Code.NotFound, Code.FailedPrecondition],
               `${desc.name}.${method.name}: ${err.message}`,
             ).toContain(err.code);
-            if (err.code === Code.Unimplemented) expect(err.rawMessage).toMatch(/is not implemented yet \(.+\)/);
+            if (err.code === Code.Unimplemented)
+              expect(err.rawMessage).toMatch(/is not implemented yet \(.+\)/);
           }
         }
       }

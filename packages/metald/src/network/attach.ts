@@ -1,0 +1,99 @@
+import { netnsPath } from "./command.js";
+import { macAddress, vmNetworkNames } from "./names.js";
+import { type AttachMode, createVmNamespace, deleteVmNamespace } from "./netns.js";
+import type { AddressPool } from "./pool.js";
+import type { Router } from "./router.js";
+
+/**
+ * A VM's place on the host network: address from the pool, namespace wired to the router, and
+ * egress policy. The first seven fields are exactly the backends' `VmSpec.network`.
+ */
+export interface VmNetwork {
+  netnsPath: string;
+  guestIp: string;
+  prefixLen: number;
+  gateway: string;
+  dns?: string;
+  macAddress: string;
+  /** Tap mode: the tap device inside the namespace for QEMU's `-netdev tap,ifname=…`. */
+  tapName?: string;
+  netnsName: string;
+  /** The router-side interface (its counters are the VM's traffic, mirrored). */
+  hostInterface: string;
+  /** Directory with the host interface's rx_bytes / tx_bytes, for the sampler. */
+  statsDir: string;
+  mode: AttachMode;
+}
+
+export interface AttachVm {
+  vmId: string;
+  /** From the tenant's tier (TenantLimits.egressAllowed); metadata and host addresses stay blocked regardless. */
+  egressAllowed: boolean;
+}
+
+export interface NetworkAttacher {
+  /**
+   * Allocates the VM's address (or reuses its allocation), creates or repairs its namespace and
+   * applies its egress policy. Idempotent: re-attaching a running VM after a restart changes
+   * nothing. The router must be ensured first.
+   */
+  attach(vm: AttachVm, opts: { mode: AttachMode }): Promise<VmNetwork>;
+  /** Removes the namespace, veth pair and egress rule, and releases the address. Idempotent. */
+  detach(vmId: string): Promise<void>;
+  /** Changes a VM's egress (tier change). */
+  setEgress(vmId: string, allowed: boolean): Promise<void>;
+}
+
+export interface NetworkAttacherDeps {
+  router: Router;
+  pool: AddressPool;
+  /** Prefix of VM namespace names (default `kiln-`): namespaces are `<prefix><short id>`. */
+  netnsPrefix?: string;
+  /** Resolver handed to guests, if the operator provides one reachable from VMs. */
+  dns?: string;
+}
+
+export const DEFAULT_NETNS_PREFIX = "kiln-";
+
+export function createNetworkAttacher(deps: NetworkAttacherDeps): NetworkAttacher {
+  const { router, pool } = deps;
+  if (pool.layout.cidr.text !== router.layout.cidr.text) {
+    throw new Error(
+      `address pool ${pool.layout.cidr.text} and router ${router.layout.cidr.text} must use the same VM network CIDR`,
+    );
+  }
+  const prefix = deps.netnsPrefix ?? DEFAULT_NETNS_PREFIX;
+  const namesOf = (vmId: string) => vmNetworkNames(vmId, prefix);
+
+  return {
+    async attach(vm, { mode }) {
+      const names = namesOf(vm.vmId);
+      const guestIp = await pool.allocate(vm.vmId);
+      const mac = macAddress(vm.vmId);
+      await createVmNamespace(router, { names, guestIp, macAddress: mac, mode });
+      await router.egress().setAllowed(names.hostVeth, vm.egressAllowed);
+      return {
+        netnsPath: netnsPath(names.netns),
+        guestIp,
+        prefixLen: router.layout.prefixLen,
+        gateway: router.layout.gateway,
+        ...(deps.dns ? { dns: deps.dns } : {}),
+        macAddress: mac,
+        ...(mode === "tap" ? { tapName: names.tap } : {}),
+        netnsName: names.netns,
+        hostInterface: names.hostVeth,
+        statsDir: router.statsDir(names.hostVeth),
+        mode,
+      };
+    },
+    async detach(vmId) {
+      const names = namesOf(vmId);
+      await router.egress().remove(names.hostVeth);
+      await deleteVmNamespace(router, names);
+      await pool.release(vmId);
+    },
+    async setEgress(vmId, allowed) {
+      await router.egress().setAllowed(namesOf(vmId).hostVeth, allowed);
+    },
+  };
+}

@@ -1,0 +1,69 @@
+import type { CgroupManager } from "../cgroups/cgroup.js";
+import { createEgressPolicy } from "./egress.js";
+import { listNamespaces } from "./netns.js";
+import type { AddressPool, PortPool } from "./pool.js";
+import type { PortForwarder } from "./port-forward.js";
+import type { Router } from "./router.js";
+
+/**
+ * Everything Kiln creates per VM on a host, listed for leak checks: after a delete, or after
+ * crash recovery, each list holds only the VMs that still exist. Reads directories and one
+ * iptables listing; creates nothing.
+ */
+export interface KilnResources {
+  /** Named VM namespaces (`<prefix>…`), the router's excluded. */
+  netns: string[];
+  /** VM interfaces (`kv-*`) in the router namespace. */
+  routerInterfaces: string[];
+  /** Interfaces with a per-VM egress rule. */
+  egressRules: string[];
+  /** VM cgroups (`<root>/<tenant>/<vm>`). */
+  cgroups: string[];
+  /** Active port forwards (`<vm>:<hostPort>/<protocol>`). */
+  forwards: string[];
+  /** Address allocations (`<vm>=<ip>`). */
+  addresses: string[];
+  /** Host port allocations (`<vm>=<port>/<protocol>`). */
+  ports: string[];
+}
+
+export interface LeakSources {
+  netnsPrefix: string;
+  router?: Router;
+  cgroups?: CgroupManager;
+  forwarder?: PortForwarder;
+  addressPool?: AddressPool;
+  portPool?: PortPool;
+}
+
+export async function listKilnResources(src: LeakSources): Promise<KilnResources> {
+  const router = src.router && (await src.router.exists()) ? src.router : undefined;
+  return {
+    netns: (await listNamespaces(src.netnsPrefix)).filter((n) => n !== src.router?.name),
+    routerInterfaces: router ? (await router.interfaces()).filter((i) => i.startsWith("kv-")).sort() : [],
+    egressRules: router
+      ? // A read-only view: works whether or not this process ensured the router.
+        (
+          await createEgressPolicy({
+            netns: router.name,
+            layout: router.layout,
+            uplinkInterface: router.routerUplink,
+            hostAddresses: [],
+          }).allowedInterfaces()
+        ).sort()
+      : [],
+    cgroups: src.cgroups ? (await src.cgroups.list()).map((c) => c.relativePath) : [],
+    forwards: src.forwarder ? src.forwarder.list().map((f) => `${f.vmId}:${f.hostPort}/${f.protocol}`) : [],
+    addresses: src.addressPool
+      ? (await src.addressPool.allocations()).map((a) => `${a.vmId}=${a.ipAddress}`)
+      : [],
+    ports: src.portPool
+      ? (await src.portPool.allocations()).map((p) => `${p.vmId}=${p.hostPort}/${p.protocol}`)
+      : [],
+  };
+}
+
+/** Total number of resources listed (0 = nothing leaked). */
+export function countResources(r: KilnResources): number {
+  return Object.values(r).reduce((n, list: string[]) => n + list.length, 0);
+}

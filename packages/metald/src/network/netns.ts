@@ -1,0 +1,84 @@
+import fs from "node:fs/promises";
+import { EXISTS, GONE, ip, netnsPath } from "./command.js";
+import type { VmNetworkNames } from "./names.js";
+import type { Router } from "./router.js";
+
+/**
+ * One VM's network namespace, wired to the router by a veth pair (`kv-<short>` in the router,
+ * `eth0` in the VM namespace). Two modes:
+ *
+ * - `address`: the namespace itself is the VM's network stack (runc, gVisor `--network=host`
+ *   inside the namespace): eth0 carries the VM address and MAC, with a default route via the
+ *   gateway.
+ * - `tap`: a guest kernel brings its own stack (QEMU): eth0 and a tap device are joined by a
+ *   bridge inside the namespace (layer 2, nothing to forward) and carry no address; the guest
+ *   configures the address, MAC and gateway itself and QEMU opens the tap with
+ *   `-netdev tap,ifname=tap0,script=no,downscript=no` from inside the namespace.
+ *
+ * Every step tolerates "already there", so creating again repairs a half-made namespace and
+ * re-adopting a running VM after a restart changes nothing.
+ */
+export type AttachMode = "address" | "tap";
+
+export interface VmNamespaceSpec {
+  names: VmNetworkNames;
+  guestIp: string;
+  macAddress: string;
+  mode: AttachMode;
+}
+
+export async function createVmNamespace(router: Router, spec: VmNamespaceSpec): Promise<void> {
+  const { names, guestIp, mode } = spec;
+  const { gateway, prefixLen } = router.layout;
+  const vm = names.netns;
+  await ip(undefined, ["netns", "add", vm], { tolerate: EXISTS });
+  await ip(vm, ["link", "set", "lo", "up"]);
+  const hasGuestEnd = await ip(vm, ["link", "show", names.guestVeth], { tolerate: GONE });
+  if (!hasGuestEnd.trim()) {
+    // A router end without its VM end (the VM namespace was lost) cannot be reused.
+    await ip(router.name, ["link", "del", names.hostVeth], { tolerate: GONE });
+    await ip(router.name, [
+      "link",
+      "add",
+      names.hostVeth,
+      "type",
+      "veth",
+      "peer",
+      "name",
+      names.guestVeth,
+      "netns",
+      vm,
+    ]);
+  }
+  if (mode === "address") {
+    await ip(vm, ["link", "set", names.guestVeth, "address", spec.macAddress]);
+    await ip(vm, ["addr", "add", `${guestIp}/${prefixLen}`, "dev", names.guestVeth], { tolerate: EXISTS });
+    await ip(vm, ["link", "set", names.guestVeth, "up"]);
+    await ip(vm, ["route", "replace", "default", "via", gateway, "dev", names.guestVeth]);
+  } else {
+    await ip(vm, ["link", "add", names.bridge, "type", "bridge"], { tolerate: EXISTS });
+    await ip(vm, ["tuntap", "add", "dev", names.tap, "mode", "tap"], {
+      tolerate: /File exists|Device or resource busy/,
+    });
+    await ip(vm, ["link", "set", names.guestVeth, "master", names.bridge]);
+    await ip(vm, ["link", "set", names.tap, "master", names.bridge]);
+    for (const dev of [names.guestVeth, names.tap, names.bridge]) await ip(vm, ["link", "set", dev, "up"]);
+  }
+  await ip(router.name, ["addr", "add", `${gateway}/32`, "dev", names.hostVeth], { tolerate: EXISTS });
+  await ip(router.name, ["link", "set", names.hostVeth, "up"]);
+  await ip(router.name, ["route", "replace", `${guestIp}/32`, "dev", names.hostVeth]);
+}
+
+/** Removes the VM's veth pair and namespace; idempotent. Processes still inside keep it alive, unnamed. */
+export async function deleteVmNamespace(router: Router, names: VmNetworkNames): Promise<void> {
+  // Deleting one end of a veth pair deletes both, and the VM's /32 route with it.
+  await ip(router.name, ["link", "del", names.hostVeth], { tolerate: GONE });
+  await ip(undefined, ["netns", "del", names.netns], { tolerate: GONE });
+}
+
+/** Named namespaces starting with `prefix` (leak checks); reads /var/run/netns, starts no process. */
+export async function listNamespaces(prefix: string): Promise<string[]> {
+  const dir = netnsPath("");
+  const entries = await fs.readdir(dir).catch(() => [] as string[]);
+  return entries.filter((e) => e.startsWith(prefix)).sort();
+}
