@@ -7,8 +7,7 @@
  * The workload runs as the image's `www` user on port 8080, and a CGI script reports its uid and
  * hostname so the user switch and the kernel command line are checked inside the real VM.
  */
-import { type ChildProcess, execFileSync, spawn } from "node:child_process";
-import fs from "node:fs";
+import { type ChildProcess, spawn } from "node:child_process";
 import net from "node:net";
 import path from "node:path";
 import { createClient } from "@connectrpc/connect";
@@ -20,10 +19,9 @@ import { findHostKernel } from "../../../assetmanagerd/src/kernel/host-kernel.js
 import { buildInitramfs } from "../../../assetmanagerd/src/kernel/initramfs.js";
 import { hostTscKhz, kvmUsable, QEMU_BINARY, qemuArgs } from "../../../metald/src/backends/qemu/cmdline.js";
 import { builderd } from "../../src/definition.js";
-import { type EntrySpec, writeOciLayout } from "../../src/testing/oci-layout.js";
-import { pushLayout, startTestRegistry } from "../../src/testing/registry.js";
+import { HTTPD_INDEX as INDEX, pushBusyboxHttpd } from "../../src/testing/images.js";
+import { startTestRegistry } from "../../src/testing/registry.js";
 
-const INDEX = "<h1>hello from a kiln microvm</h1>\n";
 const HOSTNAME = "kiln-e2e";
 const BOOT_TIMEOUT_MS = 60_000;
 
@@ -35,42 +33,6 @@ let registry: Awaited<ReturnType<typeof startTestRegistry>> | undefined;
 let svc: TestService | undefined;
 let assets: TestService | undefined;
 
-/** The image's two layers: busybox + applets and users; then the site, a CGI script, docs and a cache. */
-function imageLayers(): EntrySpec[][] {
-  const applets = execFileSync("/bin/busybox", ["--list"], { encoding: "utf8" }).split("\n").filter(Boolean);
-  const base: EntrySpec[] = [
-    { type: "dir", path: "bin" },
-    { type: "file", path: "bin/busybox", content: fs.readFileSync("/bin/busybox"), mode: 0o755 },
-    ...applets
-      .filter((a) => a !== "busybox")
-      .map((a): EntrySpec => ({ type: "symlink", path: `bin/${a}`, target: "busybox" })),
-    { type: "dir", path: "etc" },
-    {
-      type: "file",
-      path: "etc/passwd",
-      content: "root:x:0:0:root:/root:/bin/sh\nwww:x:1000:1000:www:/www:/bin/sh\n",
-    },
-    { type: "file", path: "etc/group", content: "root:x:0:\nwww:x:1000:\n" },
-  ];
-  const site: EntrySpec[] = [
-    { type: "dir", path: "www", uid: 1000, gid: 1000 },
-    { type: "file", path: "www/index.html", content: INDEX },
-    { type: "dir", path: "www/cgi-bin" },
-    {
-      type: "file",
-      path: "www/cgi-bin/whoami",
-      mode: 0o755,
-      content:
-        '#!/bin/sh\nprintf "Content-Type: text/plain\\r\\n\\r\\n"\necho "uid=$(id -u) gid=$(id -g) host=$(hostname) greeting=$GREETING"\n',
-    },
-    { type: "dir", path: "usr/share/doc/busybox" },
-    { type: "file", path: "usr/share/doc/busybox/README", content: "docs" },
-    { type: "dir", path: "var/cache/apt" },
-    { type: "file", path: "var/cache/apt/pkgcache.bin", content: "cache" },
-  ];
-  return [base, site];
-}
-
 beforeAll(async () => {
   work = tempDir("kiln-boot-e2e-");
   const host = await findHostKernel();
@@ -79,23 +41,7 @@ beforeAll(async () => {
   await buildInitramfs({ modulesDir: host.modulesDir, out: initrd });
 
   registry = await startTestRegistry();
-  const layout = path.join(work.path, "layout");
-  await writeOciLayout(layout, [
-    {
-      tag: "1",
-      image: {
-        layers: imageLayers(),
-        config: {
-          Cmd: ["httpd", "-f", "-v", "-p", "8080", "-h", "/www"],
-          Env: ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", `GREETING=it's a "VM" $(not run)`],
-          WorkingDir: "/www",
-          User: "www",
-          ExposedPorts: { "8080/tcp": {} },
-        },
-      },
-    },
-  ]);
-  await pushLayout(layout, "1", registry.host, "busybox-httpd");
+  const imageUri = await pushBusyboxHttpd(work.path, registry.host);
   // As under `kiln up`: builderd registers the rootfs with assetmanagerd, which owns the file.
   const builderData = path.join(work.path, "builderd-data");
   assets = await startTestService(assetmanagerd, {
@@ -113,7 +59,7 @@ beforeAll(async () => {
         source: {
           sourceType: {
             case: "dockerImage",
-            value: { imageUri: `docker://${registry.host}/busybox-httpd:1` },
+            value: { imageUri },
           },
         },
         target: {

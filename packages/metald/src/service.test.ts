@@ -1,0 +1,267 @@
+/**
+ * metald end to end on the runc backend (fast enough for the unit project): builderd builds the
+ * busybox-httpd image, assetmanagerd registers it, metald creates, boots and drives the VM, and
+ * the workload answers through its forwarded host port. The QEMU and gVisor runs of the same flow
+ * are in test/e2e/vm-lifecycle.test.ts.
+ */
+import fs from "node:fs";
+import path from "node:path";
+import { Code, ConnectError, createClient } from "@connectrpc/connect";
+import { metald as api, BuilderService, VmService } from "@kiln/api";
+import { assetmanagerd } from "@kiln/assetmanagerd";
+import { builderd } from "@kiln/builderd";
+import { startTestService, tempDir } from "@kiln/kit/testing";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { HTTPD_INDEX, pushBusyboxHttpd } from "../../builderd/src/testing/images.js";
+import { startTestRegistry } from "../../builderd/src/testing/registry.js";
+import { metald } from "./definition.js";
+
+const S = api.VmState;
+const headers = (tenant: string, tier = "pro") => ({
+  headers: { "x-kiln-tenant-id": tenant, "x-kiln-tenant-tier": tier },
+});
+
+async function get(url: string, timeoutMs = 2_000): Promise<string | undefined> {
+  try {
+    const res = await fetch(url, { signal: AbortSignal.timeout(timeoutMs) });
+    return await res.text();
+  } catch {
+    return undefined;
+  }
+}
+
+async function until<T>(fn: () => Promise<T | undefined>, timeoutMs = 20_000): Promise<T> {
+  const end = Date.now() + timeoutMs;
+  for (;;) {
+    const v = await fn();
+    if (v !== undefined) return v;
+    if (Date.now() > end) throw new Error("timed out waiting");
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+/** assetmanagerd + builderd + metald on one data dir, wired in-process as `kiln up` does. */
+async function startPlatform(dataDir: string, insecure: string) {
+  const assets = await startTestService(assetmanagerd, { env: { UNKEY_ASSETMANAGERD_DATA_DIR: dataDir } });
+  const builder = await startTestService(builderd, {
+    env: { UNKEY_BUILDERD_DATA_DIR: dataDir, UNKEY_BUILDERD_INSECURE_REGISTRIES: insecure },
+    peerTransport: () => assets.service.transport,
+  });
+  const startMetald = () =>
+    startTestService(metald, {
+      env: {
+        UNKEY_METALD_DATA_DIR: dataDir,
+        UNKEY_METALD_BACKEND: "runc",
+        UNKEY_METALD_SHUTDOWN_GRACE: "5s",
+      },
+      peerTransport: () => assets.service.transport,
+    });
+  return { assets, builder, metald: await startMetald(), startMetald };
+}
+
+describe("metald on runc", () => {
+  const work = tempDir("kiln-metald-");
+  let registry: Awaited<ReturnType<typeof startTestRegistry>>;
+  let p: Awaited<ReturnType<typeof startPlatform>>;
+  let vms: ReturnType<typeof createClient<typeof VmService>>;
+  let rootfsAssetId: string;
+
+  beforeAll(async () => {
+    registry = await startTestRegistry();
+    const image = await pushBusyboxHttpd(work.path, registry.host);
+    p = await startPlatform(path.join(work.path, "data"), registry.host);
+    const builds = createClient(BuilderService, p.builder.service.transport);
+    const { buildId } = await builds.createBuild(
+      { config: { source: { sourceType: { case: "dockerImage", value: { imageUri: image } } } } },
+      headers("acme"),
+    );
+    for await (const _ of builds.streamBuildLogs({ buildId, follow: true }, headers("acme"))) {
+    }
+    const { build } = await builds.getBuild({ buildId }, headers("acme"));
+    expect(build?.errorMessage).toBe("");
+    rootfsAssetId = build!.assetId;
+    vms = createClient(VmService, p.metald.service.transport);
+  }, 120_000);
+
+  afterAll(async () => {
+    // VMs outlive metald by design: delete what a failed test left before stopping it.
+    for (const tenant of ["acme", "intruder"]) {
+      for (const vm of (await vms?.listVms({}, headers(tenant)).catch(() => undefined))?.vms ?? []) {
+        await vms.deleteVm({ vmId: vm.vmId }, headers(tenant)).catch(() => {});
+      }
+    }
+    await p?.metald.stop();
+    await p?.builder.stop();
+    await p?.assets.stop();
+    await registry?.stop();
+    work.remove();
+  });
+
+  it("lists the backends that work here, with reasons for the others", async () => {
+    const res = await vms.listBackends({}, headers("acme"));
+    const runc = res.backends.find((b) => b.name === "runc");
+    expect(runc?.available).toBe(true);
+    const fc = res.backends.find((b) => b.name === "firecracker");
+    expect(fc?.available).toBe(false);
+    expect(fc?.reason).not.toBe("");
+    expect(res.autoBackend).not.toBe("");
+  });
+
+  it("runs the image: create, boot, serve, pause, resume, reboot, shutdown, boot, delete — leaving nothing", async () => {
+    const created = await vms.createVm(
+      { config: { rootfsAssetId, backend: "runc", env: { GREETING: "from metald" } } },
+      headers("acme"),
+    );
+    expect(created.state).toBe(S.CREATED);
+    const port = created.endpoint?.ports.find((x) => x.containerPort === 8080)?.hostPort;
+    expect(port).toBeGreaterThan(0);
+    const vmId = created.vmId;
+    const url = `http://127.0.0.1:${port}`;
+
+    // Illegal transitions are refused before any backend call, naming the state.
+    const early = await vms.pauseVm({ vmId }, headers("acme")).catch((e) => ConnectError.from(e));
+    expect((early as ConnectError).code).toBe(Code.FailedPrecondition);
+    expect((early as ConnectError).rawMessage).toMatch(/it is CREATED/);
+
+    expect((await vms.bootVm({ vmId }, headers("acme"))).state).toBe(S.RUNNING);
+    expect(await until(() => get(`${url}/`))).toBe(HTTPD_INDEX);
+    expect((await get(`${url}/cgi-bin/whoami`))?.trim()).toBe(
+      `uid=1000 gid=1000 host=${vmId.replaceAll("_", "-")} greeting=from metald`,
+    );
+
+    // Live metrics from the 100 ms sampler.
+    const info = await until(async () => {
+      const { vm } = await vms.getVmInfo({ vmId }, headers("acme"));
+      return vm?.metrics && vm.metrics.cpuTimeNanos > 0n ? vm : undefined;
+    });
+    expect(info.state).toBe(S.RUNNING);
+    expect(info.metrics!.memoryUsageBytes).toBeGreaterThan(0n);
+    expect(info.endpoint?.ipAddress).toMatch(/^10\.213\./);
+    expect(info.backendInfo?.pid).toBeGreaterThan(0);
+
+    expect((await vms.pauseVm({ vmId }, headers("acme"))).state).toBe(S.PAUSED);
+    expect(await get(`${url}/`, 1_000)).toBeUndefined();
+    expect((await vms.resumeVm({ vmId }, headers("acme"))).state).toBe(S.RUNNING);
+    expect(await until(() => get(`${url}/`))).toBe(HTTPD_INDEX);
+
+    expect((await vms.rebootVm({ vmId }, headers("acme"))).state).toBe(S.RUNNING);
+    expect(await until(() => get(`${url}/`))).toBe(HTTPD_INDEX);
+
+    const logs: string[] = [];
+    for await (const m of vms.streamVmLogs({ vmId, follow: false }, headers("acme"))) logs.push(m.line);
+    expect(logs.join("\n")).toMatch(/response:200/);
+
+    expect((await vms.shutdownVm({ vmId }, headers("acme"))).state).toBe(S.SHUTDOWN);
+    expect(await get(`${url}/`, 1_000)).toBeUndefined();
+    expect((await vms.bootVm({ vmId }, headers("acme"))).state).toBe(S.RUNNING);
+    expect(await until(() => get(`${url}/`))).toBe(HTTPD_INDEX);
+
+    const before = leaks(vmId);
+    expect(before.length).toBeGreaterThan(0);
+    await vms.deleteVm({ vmId }, headers("acme"));
+    expect(leaks(vmId)).toEqual([]);
+    expect(fs.existsSync(path.join(work.path, "data", "vms", vmId))).toBe(false);
+    const gone = await vms.getVmInfo({ vmId }, headers("acme")).catch((e) => ConnectError.from(e));
+    expect((gone as ConnectError).code).toBe(Code.NotFound);
+  });
+
+  it("keeps tenants apart: another tenant's VM is not found", async () => {
+    const { vmId } = await vms.createVm({ config: { rootfsAssetId, backend: "runc" } }, headers("acme"));
+    try {
+      for (const call of [
+        () => vms.getVmInfo({ vmId }, headers("intruder")),
+        () => vms.bootVm({ vmId }, headers("intruder")),
+        () => vms.deleteVm({ vmId }, headers("intruder")),
+      ]) {
+        expect(((await call().catch((e) => ConnectError.from(e))) as ConnectError).code).toBe(Code.NotFound);
+      }
+      expect((await vms.listVms({}, headers("intruder"))).totalCount).toBe(0);
+      // Another tenant cannot use acme's rootfs asset either.
+      const err = await vms
+        .createVm({ config: { rootfsAssetId, backend: "runc" } }, headers("intruder"))
+        .catch((e) => ConnectError.from(e));
+      expect((err as ConnectError).code).toBe(Code.NotFound);
+    } finally {
+      await vms.deleteVm({ vmId }, headers("acme"));
+    }
+  });
+
+  it("enforces the tier's VM limits", async () => {
+    const big = await vms
+      .createVm(
+        { config: { rootfsAssetId, backend: "runc", cpu: { vcpuCount: 8 } } },
+        headers("acme", "free"),
+      )
+      .catch((e) => ConnectError.from(e));
+    expect((big as ConnectError).code).toBe(Code.InvalidArgument);
+    expect((big as ConnectError).rawMessage).toMatch(/vcpu count 8 exceeds the tenant's limit of 1/);
+  });
+
+  it("re-adopts a running VM after metald restarts, and marks one whose process died SHUTDOWN", async () => {
+    const a = await vms.createVm({ config: { rootfsAssetId, backend: "runc" } }, headers("acme"));
+    const b = await vms.createVm({ config: { rootfsAssetId, backend: "runc" } }, headers("acme"));
+    await vms.bootVm({ vmId: a.vmId }, headers("acme"));
+    await vms.bootVm({ vmId: b.vmId }, headers("acme"));
+    const portA = a.endpoint!.ports[0]!.hostPort;
+    await until(() => get(`http://127.0.0.1:${portA}/`));
+    const pidB = (await vms.getVmInfo({ vmId: b.vmId }, headers("acme"))).vm!.backendInfo!.pid;
+
+    await p.metald.stop(); // VMs keep running without metald
+    process.kill(pidB, "SIGKILL");
+    p.metald = await p.startMetald();
+    vms = createClient(VmService, p.metald.service.transport);
+
+    const infoA = (await vms.getVmInfo({ vmId: a.vmId }, headers("acme"))).vm!;
+    expect(infoA.state).toBe(S.RUNNING);
+    expect(await until(() => get(`http://127.0.0.1:${portA}/`))).toBe(HTTPD_INDEX);
+    const infoB = (await vms.getVmInfo({ vmId: b.vmId }, headers("acme"))).vm!;
+    expect(infoB.state).toBe(S.SHUTDOWN);
+    expect(infoB.failureReason).toMatch(/process was gone when metald restarted/);
+    // …and it can boot again.
+    expect((await vms.bootVm({ vmId: b.vmId }, headers("acme"))).state).toBe(S.RUNNING);
+
+    await vms.deleteVm({ vmId: a.vmId }, headers("acme"));
+    await vms.deleteVm({ vmId: b.vmId }, headers("acme"));
+    expect(leaks(a.vmId)).toEqual([]);
+    expect(leaks(b.vmId)).toEqual([]);
+  });
+
+  it("runs deployments: N replicas, scaled up and down, deleted with their VMs", async () => {
+    const { deployment } = await vms.createDeployment(
+      { name: "web", replicas: 2, template: { rootfsAssetId, backend: "runc" } },
+      headers("acme"),
+    );
+    expect(deployment?.vmIds).toHaveLength(2);
+    expect(deployment?.readyReplicas).toBe(2);
+    const up = await vms.updateDeployment(
+      { deploymentId: deployment!.deploymentId, replicas: 3 },
+      headers("acme"),
+    );
+    expect(up.deployment?.vmIds).toHaveLength(3);
+    const down = await vms.updateDeployment(
+      { deploymentId: deployment!.deploymentId, replicas: 1 },
+      headers("acme"),
+    );
+    expect(down.deployment?.vmIds).toEqual([deployment!.vmIds[0]]);
+    await vms.deleteDeployment({ deploymentId: deployment!.deploymentId }, headers("acme"));
+    expect((await vms.listVms({}, headers("acme"))).totalCount).toBe(0);
+  });
+});
+
+/** Kiln resources that still mention a VM: its netns, router interface, cgroup, process. */
+function leaks(vmId: string): string[] {
+  const short = vmId.slice(-12);
+  const found: string[] = [];
+  const netns = fs.existsSync("/var/run/netns") ? fs.readdirSync("/var/run/netns") : [];
+  found.push(...netns.filter((n) => n.includes(short)).map((n) => `netns ${n}`));
+  for (const ctl of ["cpu", "memory", "pids", "freezer"]) {
+    const dir = `/sys/fs/cgroup/${ctl}/kiln/acme/${vmId}`;
+    if (fs.existsSync(dir)) found.push(`cgroup ${dir}`);
+  }
+  for (const pid of fs.readdirSync("/proc").filter((d) => /^\d+$/.test(d))) {
+    try {
+      if (fs.readFileSync(`/proc/${pid}/cmdline`, "utf8").includes(vmId)) found.push(`process ${pid}`);
+    } catch {}
+  }
+  return found;
+}
