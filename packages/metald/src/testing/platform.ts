@@ -1,0 +1,69 @@
+/**
+ * The platform slice metald's tests run against: assetmanagerd, builderd and metald on one data
+ * dir, wired in-process as `kiln up` does, plus helpers to poll a workload and count leftovers.
+ */
+import fs from "node:fs";
+import { assetmanagerd } from "@kiln/assetmanagerd";
+import { builderd } from "@kiln/builderd";
+import { startTestService } from "@kiln/kit/testing";
+import { metald } from "../definition.js";
+
+export const headers = (tenant: string, tier = "pro") => ({
+  headers: { "x-kiln-tenant-id": tenant, "x-kiln-tenant-tier": tier },
+});
+
+export async function get(url: string, timeoutMs = 2_000): Promise<string | undefined> {
+  try {
+    const res = await fetch(url, { signal: AbortSignal.timeout(timeoutMs) });
+    return await res.text();
+  } catch {
+    return undefined;
+  }
+}
+
+export async function until<T>(fn: () => Promise<T | undefined>, timeoutMs = 20_000): Promise<T> {
+  const end = Date.now() + timeoutMs;
+  for (;;) {
+    const v = await fn();
+    if (v !== undefined) return v;
+    if (Date.now() > end) throw new Error("timed out waiting");
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+/** assetmanagerd + builderd + metald on one data dir, wired in-process as `kiln up` does. */
+export async function startPlatform(dataDir: string, insecure: string, backend = "runc") {
+  const assets = await startTestService(assetmanagerd, { env: { UNKEY_ASSETMANAGERD_DATA_DIR: dataDir } });
+  const builder = await startTestService(builderd, {
+    env: { UNKEY_BUILDERD_DATA_DIR: dataDir, UNKEY_BUILDERD_INSECURE_REGISTRIES: insecure },
+    peerTransport: () => assets.service.transport,
+  });
+  const startMetald = () =>
+    startTestService(metald, {
+      env: {
+        UNKEY_METALD_DATA_DIR: dataDir,
+        UNKEY_METALD_BACKEND: backend,
+        UNKEY_METALD_SHUTDOWN_GRACE: "5s",
+      },
+      peerTransport: () => assets.service.transport,
+    });
+  return { assets, builder, metald: await startMetald(), startMetald };
+}
+
+/** Kiln resources that still mention a VM: its netns, router interface, cgroup, process. */
+export function leaks(vmId: string, tenant = "acme"): string[] {
+  const short = vmId.slice(-12);
+  const found: string[] = [];
+  const netns = fs.existsSync("/var/run/netns") ? fs.readdirSync("/var/run/netns") : [];
+  found.push(...netns.filter((n) => n.includes(short)).map((n) => `netns ${n}`));
+  for (const ctl of ["cpu", "memory", "pids", "freezer"]) {
+    const dir = `/sys/fs/cgroup/${ctl}/kiln/${tenant}/${vmId}`;
+    if (fs.existsSync(dir)) found.push(`cgroup ${dir}`);
+  }
+  for (const pid of fs.readdirSync("/proc").filter((d) => /^\d+$/.test(d))) {
+    try {
+      if (fs.readFileSync(`/proc/${pid}/cmdline`, "utf8").includes(vmId)) found.push(`process ${pid}`);
+    } catch {}
+  }
+  return found;
+}
