@@ -4,9 +4,11 @@ import { buildCommand } from "./commands/build.js";
 import { buildsCommand } from "./commands/builds.js";
 import { configCommand } from "./commands/config.js";
 import { migrateCommand } from "./commands/migrate.js";
+import { runCommand } from "./commands/run.js";
 import { serveCommand } from "./commands/serve.js";
 import { statusCommand } from "./commands/status.js";
 import { upCommand } from "./commands/up.js";
+import { vmsCommand } from "./commands/vms.js";
 
 export function createProgram(): Command {
   return new Command("kiln")
@@ -25,6 +27,8 @@ export function createProgram(): Command {
     .addCommand(upCommand())
     .addCommand(buildCommand())
     .addCommand(buildsCommand())
+    .addCommand(runCommand())
+    .addCommand(vmsCommand())
     .addCommand(serveCommand())
     .addCommand(statusCommand())
     .addCommand(assetsCommand())

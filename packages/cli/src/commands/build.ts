@@ -101,7 +101,12 @@ const MiB = 1024 * 1024;
  * Streams a build's logs and progress until it ends: a progress bar for bytes pulled on a
  * terminal, plain lines otherwise; then the result. Exit code 1 when the build did not complete.
  */
-export async function followBuild(client: BuilderClient, ctx: CliContext, buildId: string): Promise<void> {
+export async function followBuild(
+  client: BuilderClient,
+  ctx: CliContext,
+  buildId: string,
+  opts: { printResult?: boolean } = {},
+): Promise<builderd.BuildJob> {
   const tty = process.stderr.isTTY && !ctx.json;
   let bar: cliProgress.SingleBar | undefined;
   const stopBar = () => {
@@ -135,9 +140,12 @@ export async function followBuild(client: BuilderClient, ctx: CliContext, buildI
   stopBar();
   const { build } = await client.getBuild({ buildId }, ctx.callOptions);
   if (!build) throw new Error(`build ${buildId} vanished`);
-  if (ctx.json) printJson(toJson(builderd.BuildJobSchema, build));
-  else printBuild(build);
-  if (build.state !== builderd.BuildState.COMPLETED) process.exitCode = 1;
+  if (opts.printResult !== false) {
+    if (ctx.json) printJson(toJson(builderd.BuildJobSchema, build));
+    else printBuild(build);
+    if (build.state !== builderd.BuildState.COMPLETED) process.exitCode = 1;
+  }
+  return build;
 }
 
 export function printBuild(b: builderd.BuildJob): void {
