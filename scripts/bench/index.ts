@@ -1,5 +1,6 @@
 /**
- * `npm run bench -- <name> [args…]`: runs one side-by-side benchmark. Each module exports
+ * `npm run bench -- <name> [args…]`: runs one side-by-side benchmark against the built packages
+ * (dist/, as deployed; `npm run bench` builds first). Each module exports
  * `run(args)`, prints its results and the issue's targets, and cleans up after itself.
  */
 const benches: Record<string, () => Promise<{ run(args: string[]): Promise<void> }>> = {

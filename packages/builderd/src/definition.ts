@@ -8,6 +8,7 @@ import { layerCacheDir } from "./builds/paths.js";
 import { type BuilderDb, createBuildStore } from "./builds/store.js";
 import { createLayerCache } from "./cache/layer-cache.js";
 import { settings } from "./config.js";
+import { createLayerApplier } from "./extract/layer-applier.js";
 import { createBuilderMetrics } from "./metrics.js";
 import { migrations } from "./migrations.js";
 import { createBuilderService } from "./service.js";
@@ -34,6 +35,7 @@ export const builderd = defineService({
         caches.set(tenantId, cache);
         return cache;
       },
+      applier: createLayerApplier(),
       settings: {
         maxConcurrentBuilds: config.maxConcurrentBuilds,
         layerConcurrency: config.layerDownloadConcurrency,

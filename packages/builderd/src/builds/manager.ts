@@ -11,6 +11,7 @@ import {
 } from "@kiln/kit";
 import type { LayerCache } from "../cache/layer-cache.js";
 import { BuildNotFoundError, QuotaExceededError } from "../errors.js";
+import type { LayerApplier } from "../extract/layer-applier.js";
 import type { BuilderMetrics } from "../metrics.js";
 import { checkRegistryAllowed, resolveLocalPath } from "../sources/policy.js";
 import { parseImageRef } from "../sources/reference.js";
@@ -39,6 +40,7 @@ export interface BuildManagerDeps {
   dataDir: string;
   limits: LimitsResolver;
   cacheFor(tenantId: string): LayerCache;
+  applier: LayerApplier;
   settings: BuildSettings;
   metrics: BuilderMetrics;
   log: Logger;
@@ -201,6 +203,7 @@ export function createBuildManager(deps: BuildManagerDeps) {
       const output = await runPipeline(input.spec, {
         paths,
         cache: deps.cacheFor(tenant.tenantId),
+        applier: deps.applier,
         limits,
         insecureRegistries: deps.settings.insecureRegistries,
         localImageDirs: deps.settings.localImageDirs,
@@ -555,6 +558,7 @@ export function createBuildManager(deps: BuildManagerDeps) {
       for (const r of running.values())
         r.abort.abort(new StopReason("shutdown", "interrupted: builderd stopped; start it again"));
       await Promise.all([...running.values()].map((r) => r.done));
+      await deps.applier.close();
     },
 
     /** For tests and metrics: builds waiting and running in this process. */

@@ -1,11 +1,9 @@
 import { createHash } from "node:crypto";
-import fs from "node:fs";
 import fsp from "node:fs/promises";
 import path from "node:path";
 import { type Logger, ResourceExhaustedError, type TenantLimits } from "@kiln/kit";
 import type { LayerCache } from "../cache/layer-cache.js";
-import { applyLayer } from "../extract/apply-layer.js";
-import { decompressLayer } from "../extract/decompress.js";
+import type { LayerApplier } from "../extract/layer-applier.js";
 import { buildExt4 } from "../rootfs/ext4.js";
 import { injectInit } from "../rootfs/init.js";
 import { type OptimizeSettings, optimizeRootfs } from "../rootfs/optimize.js";
@@ -74,6 +72,8 @@ export interface Reporter {
 export interface PipelineDeps {
   paths: BuildPaths;
   cache: LayerCache;
+  /** Applies layers in a worker thread (extraction blocks its thread; downloads go on here). */
+  applier: LayerApplier;
   limits: TenantLimits;
   insecureRegistries: string[];
   localImageDirs: string[];
@@ -188,15 +188,11 @@ export async function runPipeline(spec: BuildSpec, deps: PipelineDeps): Promise<
       const file = await downloads[i]!;
       signal.throwIfAborted();
       await report.stage("extracting", `extracting layer ${i + 1}/${image.layers.length}`);
-      const result = await applyLayer(
-        paths.rootfs,
-        decompressLayer(fs.createReadStream(file), layer.compression),
-        {
-          maxBytes: deps.limits.maxDiskBytes,
-          usedBytes,
-          signal,
-        },
-      );
+      const result = await deps.applier.apply(paths.rootfs, file, layer.compression, {
+        maxBytes: deps.limits.maxDiskBytes,
+        usedBytes,
+        signal,
+      });
       usedBytes += result.bytesWritten;
       for (const s of result.skipped) report.log("warn", "extract", `skipped ${s.path}: ${s.reason}`);
       report.progress({ layersDone: i + 1 });

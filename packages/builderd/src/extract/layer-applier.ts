@@ -1,0 +1,114 @@
+import { Worker } from "node:worker_threads";
+import { Code } from "@connectrpc/connect";
+import {
+  FailedPreconditionError,
+  InternalError,
+  InvalidArgumentError,
+  type KilnError,
+  ResourceExhaustedError,
+  UnimplementedError,
+} from "@kiln/kit";
+import type { ApplyLayerResult } from "./apply-layer.js";
+import type { ApplyJob } from "./apply-worker.js";
+
+/** Applies layer files in worker threads, so extraction and downloads use both cores. */
+export interface LayerApplier {
+  apply(
+    rootfs: string,
+    file: string,
+    compression: ApplyJob["compression"],
+    opts: { maxBytes: number; usedBytes: number; signal?: AbortSignal },
+  ): Promise<ApplyLayerResult>;
+  close(): Promise<void>;
+}
+
+// From sources (tests, `kiln` under tsx) the worker is TypeScript and needs tsx's loader too.
+const fromSource = import.meta.url.endsWith(".ts");
+const workerUrl = new URL(`./apply-worker.${fromSource ? "ts" : "js"}`, import.meta.url);
+
+const ERRORS: Partial<Record<Code, new (message: string) => KilnError>> = {
+  [Code.InvalidArgument]: InvalidArgumentError,
+  [Code.ResourceExhausted]: ResourceExhaustedError,
+  [Code.Unimplemented]: UnimplementedError,
+  [Code.FailedPrecondition]: FailedPreconditionError,
+};
+
+export function createLayerApplier(): LayerApplier {
+  const idle: Worker[] = [];
+  const all = new Set<Worker>();
+  let nextId = 1;
+
+  const spawn = () => {
+    // Loaders given by --import do not reach worker threads on Node 20: register tsx inside.
+    const code = fromSource
+      ? `import("tsx/esm/api").then((m) => { m.register(); return import(${JSON.stringify(workerUrl.href)}); })`
+      : `import(${JSON.stringify(workerUrl.href)})`;
+    const w = new Worker(code, { eval: true, execArgv: fromSource ? ["--conditions=kiln-source"] : [] });
+    w.unref();
+    all.add(w);
+    w.once("exit", () => all.delete(w));
+    return w;
+  };
+
+  // One thread is started ahead, so the first build does not wait for it.
+  idle.push(spawn());
+
+  return {
+    apply(rootfs, file, compression, opts) {
+      const worker = idle.pop() ?? spawn();
+      const job: ApplyJob = {
+        id: nextId++,
+        rootfs,
+        file,
+        compression,
+        maxBytes: opts.maxBytes,
+        usedBytes: opts.usedBytes,
+      };
+      return new Promise<ApplyLayerResult>((resolve, reject) => {
+        const done = () => {
+          worker.off("message", onMessage);
+          worker.off("error", onError);
+          worker.off("exit", onExit);
+          opts.signal?.removeEventListener("abort", onAbort);
+        };
+        const onMessage = (m: {
+          id: number;
+          result?: ApplyLayerResult;
+          error?: { name: string; message: string; code?: Code };
+        }) => {
+          if (m.id !== job.id) return;
+          done();
+          idle.push(worker);
+          if (m.result) return resolve(m.result);
+          const Cls = m.error?.code !== undefined ? ERRORS[m.error.code] : undefined;
+          reject(
+            Cls
+              ? new Cls(m.error!.message)
+              : new InternalError(m.error?.message ?? "layer extraction failed"),
+          );
+        };
+        const onError = (err: Error) => {
+          done();
+          reject(new InternalError(`layer extraction crashed: ${err.message}`, { cause: err }));
+        };
+        const onExit = () => {
+          done();
+          reject(
+            opts.signal?.aborted ? opts.signal.reason : new InternalError("layer extraction worker exited"),
+          );
+        };
+        // Extraction is synchronous in the worker: stopping it means ending the thread.
+        const onAbort = () => void worker.terminate();
+        worker.on("message", onMessage);
+        worker.once("error", onError);
+        worker.once("exit", onExit);
+        if (opts.signal?.aborted) return onAbort();
+        opts.signal?.addEventListener("abort", onAbort, { once: true });
+        worker.postMessage(job);
+      });
+    },
+    async close() {
+      await Promise.all([...all].map((w) => w.terminate()));
+    },
+  };
+}
