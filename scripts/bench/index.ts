@@ -7,6 +7,7 @@ const benches: Record<string, () => Promise<{ run(args: string[]): Promise<void>
   assets: () => import("./assets.js"),
   build: () => import("./build.js"),
   sampling: () => import("./sampling.js"),
+  vm: () => import("./vm.js"),
 };
 
 const [name, ...args] = process.argv.slice(2);

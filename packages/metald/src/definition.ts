@@ -29,6 +29,7 @@ export const metald = defineService({
   migrations,
   async create({ config, db, dataDir, log, metrics, peers }) {
     const kdb = db.db as Kysely<MetaldDb>;
+    let networkError: string | undefined;
     const store = createVmStore(kdb);
     const vmRoot = config.vmRoot || path.join(dataDir, "vms");
     const router = createRouter({
@@ -55,6 +56,7 @@ export const metald = defineService({
           range: parsePortRange(config.portRange, "UNKEY_METALD_PORT_RANGE"),
         }),
         forwarder,
+        unavailable: () => networkError,
       },
       cgroups: createCgroupManager(),
       sampler,
@@ -69,7 +71,6 @@ export const metald = defineService({
       log,
     });
     const deployments = createDeployments({ store, vms, log });
-    let networkError: string | undefined;
     let trimTimer: NodeJS.Timeout | undefined;
     return {
       routes(r) {

@@ -66,6 +66,9 @@ export async function createVmNamespace(router: Router, spec: VmNamespaceSpec): 
   }
   await ip(router.name, ["addr", "add", `${gateway}/32`, "dev", names.hostVeth], { tolerate: EXISTS });
   await ip(router.name, ["link", "set", names.hostVeth, "up"]);
+  // Answer the VM's proxy ARP at once: the kernel's default waits a random 0-0.8 s, which the
+  // VM's first reply to the host (inside its /16, behind the router) would sit out.
+  await ip(router.name, ["ntable", "change", "name", "arp_cache", "dev", names.hostVeth, "proxy_delay", "0"]);
   await ip(router.name, ["route", "replace", `${guestIp}/32`, "dev", names.hostVeth]);
 }
 

@@ -9,6 +9,7 @@ import {
   newId,
   ResourceExhaustedError,
   type TenantContext,
+  UnavailableError,
 } from "@kiln/kit";
 import type { Backend, BackendHandle, BackendName, VmSpec, WorkloadConfig } from "../backends/backend.js";
 import { type CgroupManager, cgroupLimits } from "../cgroups/cgroup.js";
@@ -68,7 +69,14 @@ export interface VmManagerDeps {
   assets: VmAssets;
   /** The host's default guest kernel and initramfs for VM backends (built once). */
   hostKernel: () => Promise<{ kernel: string; initrd: string }>;
-  network: { router: Router; attacher: NetworkAttacher; ports: PortPool; forwarder: PortForwarder };
+  network: {
+    router: Router;
+    attacher: NetworkAttacher;
+    ports: PortPool;
+    forwarder: PortForwarder;
+    /** Why VM networking cannot work on this host (set when the router could not be made). */
+    unavailable?: () => string | undefined;
+  };
   cgroups: CgroupManager;
   sampler: Sampler;
   limits: LimitsResolver;
@@ -213,6 +221,8 @@ export function createVmManager(deps: VmManagerDeps) {
       opts: { deploymentId?: string } = {},
     ): Promise<VmRow> {
       return measured("create", async () => {
+        const down = deps.network.unavailable?.();
+        if (down) throw new UnavailableError(`${down}; see metald's log and /health/ready`);
         const limits = await deps.limits(tenant);
         if (limits.maxVms > 0) {
           const have = await store.countForTenant(tenant.tenantId);
