@@ -18,6 +18,7 @@ import { promisify } from "node:util";
 import { createClient } from "@connectrpc/connect";
 import { AssetManagerService, BuilderService, VmService } from "@kiln/api";
 import { buildInitramfs, findHostKernel } from "@kiln/assetmanagerd";
+import { resolveImageUser } from "@kiln/kit";
 import {
   busyboxHttpdImage,
   HTTPD_INDEX,
@@ -28,7 +29,6 @@ import { freePort, startTestRegistry } from "../../packages/builderd/src/testing
 import type { VmSpec } from "../../packages/metald/src/backends/backend.js";
 import { mountOverlay, unmountUnder } from "../../packages/metald/src/backends/mounts.js";
 import { containerArgs, ociRuntimeConfig } from "../../packages/metald/src/backends/oci/config.js";
-import { resolveImageUser } from "../../packages/metald/src/backends/oci/image-user.js";
 import { killAndWait, processesMentioning } from "../../packages/metald/src/backends/process.js";
 import {
   hostTscKhz,

@@ -8,6 +8,7 @@ export * from "./db/database.js";
 export * from "./db/migrate.js";
 export * from "./errors.js";
 export * from "./ids.js";
+export * from "./image-user.js";
 export * from "./log.js";
 export * from "./main.js";
 export * from "./metrics.js";

@@ -6,6 +6,7 @@ import {
   type Transport,
 } from "@connectrpc/connect";
 import { connectNodeAdapter } from "@connectrpc/connect-node";
+import { SERVICE_PORTS } from "@kiln/api";
 import { ExponentialBackoff, handleAll, retry } from "cockatiel";
 import type { DestinationStream } from "pino";
 import { resolveServiceToken } from "./auth/service-token.js";
@@ -34,15 +35,8 @@ export const SERVICE_NAMES = [
 ] as const;
 export type ServiceName = (typeof SERVICE_NAMES)[number];
 
-/** Seed API ports; metrics ports are the API port + 1000. */
-export const DEFAULT_PORTS: Record<ServiceName, number> = {
-  gatewayd: 8000,
-  metald: 8080,
-  billaged: 8081,
-  builderd: 8082,
-  assetmanagerd: 8083,
-  billing: 8084,
-};
+/** Seed API ports (the contract package's table); metrics ports are the API port + 1000. */
+export const DEFAULT_PORTS: Readonly<Record<ServiceName, number>> = SERVICE_PORTS;
 
 /** What a service's factory receives: everything it needs, nothing global. */
 export interface ServiceDeps<C> {

@@ -1,8 +1,7 @@
 import fs from "node:fs/promises";
 import path from "node:path";
-import { FailedPreconditionError } from "@kiln/kit";
+import { FailedPreconditionError, resolveImageUser } from "@kiln/kit";
 import { KILN_DIR, renderInitScript, type WorkloadSpec, workloadArgv } from "./run-script.js";
-import { resolveUser } from "./user.js";
 
 export type { WorkloadSpec } from "./run-script.js";
 
@@ -22,7 +21,7 @@ export async function injectInit(
   opts: { tiniPath?: string; busyboxPath?: string } = {},
 ): Promise<void> {
   workloadArgv(spec); // fail early on an empty command
-  const ids = await resolveUser(rootfs, spec.user);
+  const ids = await resolveImageUser(rootfs, spec.user, "config.target.microvm_rootfs.runtime_config.user");
   const script = renderInitScript({ ...spec, user: `${ids.uid}:${ids.gid}` });
 
   const dir = path.join(rootfs, KILN_DIR);

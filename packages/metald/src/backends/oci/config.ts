@@ -1,6 +1,6 @@
+import type { ImageUser } from "@kiln/kit";
 import { InvalidArgumentError } from "@kiln/kit";
 import type { VmSpec } from "../backend.js";
-import type { ImageUser } from "./image-user.js";
 
 /** The subset of the OCI runtime spec (1.0.2) Kiln writes. */
 export interface OciMount {

@@ -1,6 +1,6 @@
 import fs from "node:fs/promises";
 import path from "node:path";
-import { FailedPreconditionError, InternalError, InvalidArgumentError } from "@kiln/kit";
+import { FailedPreconditionError, InternalError, InvalidArgumentError, resolveImageUser } from "@kiln/kit";
 import {
   type Backend,
   type BackendHandle,
@@ -25,7 +25,6 @@ import {
   writeProcessRecord,
 } from "../process.js";
 import { containerArgs, type OciNetwork, ociRuntimeConfig, renderHosts, renderResolvConf } from "./config.js";
-import { resolveImageUser } from "./image-user.js";
 
 /**
  * What differs between OCI runtimes (runc, runsc). The lifecycle is the same: `create` (the
@@ -128,7 +127,7 @@ export function createOciRuntimeBackend(rt: OciRuntime): Backend {
     await fs.mkdir(l.etc, { recursive: true });
     await mountOverlay(spec.rootfs, { lower: l.lower, upper: l.upper, work: l.work, merged: l.merged });
 
-    const user = await resolveImageUser(l.merged, spec.workload.user);
+    const user = await resolveImageUser(l.merged, spec.workload.user, "workload.user");
     const tini = await fs.lstat(path.join(l.merged, ".kiln")).then(
       async (s) => s.isDirectory() && (await fs.lstat(path.join(l.merged, ".kiln/tini"))).isFile(),
       () => false,

@@ -1,10 +1,15 @@
 import fs from "node:fs";
 import path from "node:path";
-import { InvalidArgumentError } from "@kiln/kit";
-import { tempDir } from "@kiln/kit/testing";
 import { afterEach, describe, expect, it } from "vitest";
-import { resolveInRoot } from "./in-root.js";
-import { resolveUser } from "./user.js";
+import { InvalidArgumentError } from "./errors.js";
+import { resolveImageUser, resolveInRoot } from "./image-user.js";
+import { tempDir } from "./testing/index.js";
+
+/** uid and gid only (supplementary groups are covered in image-user.test.ts). */
+const resolveUser = async (root: string, user: string) => {
+  const { uid, gid } = await resolveImageUser(root, user, "config.user");
+  return { uid, gid };
+};
 
 const dirs: Array<{ remove(): void }> = [];
 afterEach(() => {
@@ -23,7 +28,7 @@ const PASSWD =
   "root:x:0:0:root:/root:/bin/sh\n# comment\nwww:x:1000:1001::/www:/bin/false\nbad:x:notanumber:1::/:/bin/sh\n";
 const GROUP = "root:x:0:\nweb:x:1001:www\nstaff:x:50:\n";
 
-describe("resolveUser", () => {
+describe("resolveImageUser: Docker's USER rules", () => {
   it.each([
     ["", { uid: 0, gid: 0 }],
     ["root", { uid: 0, gid: 0 }],
@@ -47,7 +52,7 @@ describe("resolveUser", () => {
   it.each([
     ["nobody", /"nobody" is not in the image's \/etc\/passwd/],
     ["www:nogroup", /group "nogroup".*not in the image's \/etc\/group/],
-    ["bad", /no valid uid/],
+    ["bad", /"bad" is not in the image's \/etc\/passwd/],
     [":50", /USER\[:GROUP\]/],
     ["www:", /USER\[:GROUP\]/],
   ])("refuses %j with an error naming it", async (user, message) => {

@@ -1,8 +1,7 @@
 import fs from "node:fs/promises";
 import path from "node:path";
-import { InvalidArgumentError } from "@kiln/kit";
+import { InvalidArgumentError } from "./errors.js";
 
-const FIELD = "workload.user";
 const MAX_ID = 0xfffffffe; // (uid_t)-1 means "unchanged" to setuid(2)
 const MAX_SYMLINKS = 40;
 
@@ -17,10 +16,11 @@ export interface ImageUser {
  * Resolves an image's USER (`name`, `uid`, `name:group`, `uid:gid`, any mix) to numeric ids through
  * the image's /etc/passwd and /etc/group, with Docker's rules: empty means root; a numeric uid
  * without a passwd entry gets gid 0; a name that is not found is an error naming the field.
- * `root` is the image's root directory on the host (read-only mount); its files are read as the
- * container would see them, so symlinks never lead out of it.
+ * `root` is the image's root directory on the host; its files are read as the workload would
+ * see them, so symlinks never lead out of it. `field` names the request field in errors.
+ * (builderd resolves users when injecting the VM init, metald for container backends.)
  */
-export async function resolveImageUser(root: string, user: string): Promise<ImageUser> {
+export async function resolveImageUser(root: string, user: string, field = "user"): Promise<ImageUser> {
   const spec = user.trim();
   if (spec === "") return { uid: 0, gid: 0, additionalGids: [] };
   const colon = spec.indexOf(":");
@@ -30,7 +30,7 @@ export async function resolveImageUser(root: string, user: string): Promise<Imag
     throw new InvalidArgumentError(
       `user ${JSON.stringify(user)} must be USER[:GROUP] (names or numeric ids)`,
       {
-        field: FIELD,
+        field,
       },
     );
   }
@@ -54,7 +54,7 @@ export async function resolveImageUser(root: string, user: string): Promise<Imag
     if (entryUid === undefined) {
       throw new InvalidArgumentError(
         `user ${JSON.stringify(userPart)} is not in the image's /etc/passwd; use a numeric uid[:gid] or add the user to the image`,
-        { field: FIELD },
+        { field },
       );
     }
     uid = entryUid;
@@ -68,7 +68,7 @@ export async function resolveImageUser(root: string, user: string): Promise<Imag
     if (g === undefined) {
       throw new InvalidArgumentError(
         `group ${JSON.stringify(groupPart)} (of user ${JSON.stringify(user)}) is not in the image's /etc/group; use a numeric gid`,
-        { field: FIELD },
+        { field },
       );
     }
     gid = g;

@@ -1,9 +1,9 @@
 import fs from "node:fs";
 import path from "node:path";
-import { InvalidArgumentError } from "@kiln/kit";
-import { tempDir } from "@kiln/kit/testing";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { InvalidArgumentError } from "./errors.js";
 import { resolveImageUser } from "./image-user.js";
+import { tempDir } from "./testing/index.js";
 
 let root: { path: string; remove(): void };
 beforeAll(() => {
@@ -33,11 +33,11 @@ describe("resolveImageUser", () => {
     ["4242", { uid: 4242, gid: 0, additionalGids: [] }],
     ["4242:4242", { uid: 4242, gid: 4242, additionalGids: [] }],
   ])("resolves %j through the image's passwd and group files", async (user, want) => {
-    expect(await resolveImageUser(root.path, user)).toEqual(want);
+    expect(await resolveImageUser(root.path, user, "workload.user")).toEqual(want);
   });
 
   it.each(["ghost", "www:ghosts", "www:", ":1"])("refuses %j naming the field", async (user) => {
-    const err = await resolveImageUser(root.path, user).catch((e: unknown) => e);
+    const err = await resolveImageUser(root.path, user, "workload.user").catch((e: unknown) => e);
     expect(err).toBeInstanceOf(InvalidArgumentError);
     expect((err as InvalidArgumentError).field).toBe("workload.user");
   });
