@@ -53,6 +53,18 @@ export function ip(netns: string | undefined, args: readonly string[], opts?: Ru
 }
 
 /**
+ * Several idempotent `ip` commands in one process (`ip -batch -`): each forked `ip` costs ~10 ms,
+ * and VM creation runs a dozen. Every line must be safe to repeat (replace, set, change).
+ */
+export function ipBatch(
+  netns: string | undefined,
+  commands: ReadonlyArray<readonly string[]>,
+): Promise<string> {
+  const input = `${commands.map((c) => c.join(" ")).join("\n")}\n`;
+  return run("ip", [...(netns ? ["-n", netns] : []), "-batch", "-"], { input });
+}
+
+/**
  * A command inside a named network namespace through `nsenter --net` — unlike `ip netns exec`
  * it neither forks a wrapper that outlives nothing nor remounts /sys, and keeps the host's mount
  * namespace (which the router's sysfs mount relies on).

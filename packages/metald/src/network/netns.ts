@@ -1,5 +1,5 @@
 import fs from "node:fs/promises";
-import { EXISTS, GONE, ip, netnsPath } from "./command.js";
+import { EXISTS, GONE, ip, ipBatch, netnsPath } from "./command.js";
 import type { VmNetworkNames } from "./names.js";
 import type { Router } from "./router.js";
 
@@ -50,26 +50,33 @@ export async function createVmNamespace(router: Router, spec: VmNamespaceSpec): 
       vm,
     ]);
   }
+  // The rest is idempotent (replace/set/change), so each namespace gets one `ip -batch`.
   if (mode === "address") {
-    await ip(vm, ["link", "set", names.guestVeth, "address", spec.macAddress]);
-    await ip(vm, ["addr", "add", `${guestIp}/${prefixLen}`, "dev", names.guestVeth], { tolerate: EXISTS });
-    await ip(vm, ["link", "set", names.guestVeth, "up"]);
-    await ip(vm, ["route", "replace", "default", "via", gateway, "dev", names.guestVeth]);
+    await ipBatch(vm, [
+      ["link", "set", names.guestVeth, "address", spec.macAddress],
+      ["addr", "replace", `${guestIp}/${prefixLen}`, "dev", names.guestVeth],
+      ["link", "set", names.guestVeth, "up"],
+      ["route", "replace", "default", "via", gateway, "dev", names.guestVeth],
+    ]);
   } else {
     await ip(vm, ["link", "add", names.bridge, "type", "bridge"], { tolerate: EXISTS });
     await ip(vm, ["tuntap", "add", "dev", names.tap, "mode", "tap"], {
       tolerate: /File exists|Device or resource busy/,
     });
-    await ip(vm, ["link", "set", names.guestVeth, "master", names.bridge]);
-    await ip(vm, ["link", "set", names.tap, "master", names.bridge]);
-    for (const dev of [names.guestVeth, names.tap, names.bridge]) await ip(vm, ["link", "set", dev, "up"]);
+    await ipBatch(vm, [
+      ["link", "set", names.guestVeth, "master", names.bridge],
+      ["link", "set", names.tap, "master", names.bridge],
+      ...[names.guestVeth, names.tap, names.bridge].map((dev) => ["link", "set", dev, "up"]),
+    ]);
   }
-  await ip(router.name, ["addr", "add", `${gateway}/32`, "dev", names.hostVeth], { tolerate: EXISTS });
-  await ip(router.name, ["link", "set", names.hostVeth, "up"]);
-  // Answer the VM's proxy ARP at once: the kernel's default waits a random 0-0.8 s, which the
-  // VM's first reply to the host (inside its /16, behind the router) would sit out.
-  await ip(router.name, ["ntable", "change", "name", "arp_cache", "dev", names.hostVeth, "proxy_delay", "0"]);
-  await ip(router.name, ["route", "replace", `${guestIp}/32`, "dev", names.hostVeth]);
+  await ipBatch(router.name, [
+    ["addr", "replace", `${gateway}/32`, "dev", names.hostVeth],
+    ["link", "set", names.hostVeth, "up"],
+    // Answer the VM's proxy ARP at once: the kernel's default waits a random 0-0.8 s, which the
+    // VM's first reply to the host (inside its /16, behind the router) would sit out.
+    ["ntable", "change", "name", "arp_cache", "dev", names.hostVeth, "proxy_delay", "0"],
+    ["route", "replace", `${guestIp}/32`, "dev", names.hostVeth],
+  ]);
 }
 
 /** Removes the VM's veth pair and namespace; idempotent. Processes still inside keep it alive, unnamed. */
