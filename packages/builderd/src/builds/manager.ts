@@ -560,11 +560,6 @@ export function createBuildManager(deps: BuildManagerDeps) {
       await Promise.all([...running.values()].map((r) => r.done));
       await deps.applier.close();
     },
-
-    /** For tests and metrics: builds waiting and running in this process. */
-    load(): { queued: number; running: number } {
-      return { queued: queue.length, running: running.size };
-    },
   };
 }
 

@@ -1,6 +1,7 @@
 /**
  * The build state machine (the seeds' states). One table says which state may follow which;
- * the manager and the pipeline move builds only through `assertTransition`.
+ * the manager moves builds only to a state the table allows (`predecessors`, checked in the
+ * same UPDATE that writes the new state).
  *
  *   pending → pulling → extracting → building → optimizing → completed
  *      any active state → failed | cleaning → cancelled
@@ -46,19 +47,6 @@ export function isTerminal(state: BuildState): boolean {
 
 export function canTransition(from: BuildState, to: BuildState): boolean {
   return NEXT[from].includes(to);
-}
-
-export class IllegalBuildTransition extends Error {
-  constructor(
-    readonly from: BuildState,
-    readonly to: BuildState,
-  ) {
-    super(`build cannot go from ${from} to ${to}`);
-  }
-}
-
-export function assertTransition(from: BuildState, to: BuildState): void {
-  if (!canTransition(from, to)) throw new IllegalBuildTransition(from, to);
 }
 
 /** The states a build may be in to move to `to`. */

@@ -62,10 +62,6 @@ export function createBuildStore(db: Kysely<BuilderDb>) {
         .executeTakeFirst();
     },
 
-    async getById(buildId: string): Promise<BuildRow | undefined> {
-      return db.selectFrom("builds").selectAll().where("build_id", "=", buildId).executeTakeFirst();
-    },
-
     async byIdempotencyKey(tenantId: string, key: string): Promise<BuildRow | undefined> {
       return db
         .selectFrom("builds")

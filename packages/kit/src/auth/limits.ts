@@ -119,8 +119,3 @@ export function tierLimits(adjust?: (tier: Tier, limits: TenantLimits) => Tenant
     return adjust ? adjust(tenant.tier, base) : base;
   };
 }
-
-/** True when `host` is allowed by a host list (`*` allows any). */
-export function hostAllowed(list: readonly string[], host: string): boolean {
-  return list.includes("*") || list.includes(host.toLowerCase());
-}
