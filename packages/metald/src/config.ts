@@ -1,4 +1,4 @@
-import { type ConfigSpec, duration, int, list, oneOf, str } from "@kiln/kit";
+import { bool, type ConfigSpec, duration, int, list, oneOf, str } from "@kiln/kit";
 
 /** metald's own settings (`UNKEY_METALD_*`), next to the common ones every service has. */
 export const settings = {
@@ -36,6 +36,14 @@ export const settings = {
   shutdownGrace: duration({
     default: 30_000,
     doc: "How long ShutdownVm waits for a graceful stop (Ctrl-Alt-Del / SIGTERM) before forcing it, unless the request says otherwise.",
+  }),
+  billagedEnabled: bool({
+    default: false,
+    doc: "Hand VM starts/stops, the 100 ms usage samples (batched) and heartbeats to billaged (UNKEY_METALD_BILLAGED_URL). Off until billaged's RPCs exist (they answer unimplemented today).",
+  }),
+  usageBatchInterval: duration({
+    default: 1_000,
+    doc: "How often buffered usage samples are sent to billaged, one batch per VM.",
   }),
   consoleLogMaxBytes: int({
     default: 4 * 1024 * 1024,

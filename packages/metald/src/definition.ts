@@ -1,3 +1,4 @@
+import os from "node:os";
 import path from "node:path";
 import { VmService } from "@kiln/api";
 import { defineService, tierLimits } from "@kiln/kit";
@@ -5,6 +6,7 @@ import type { Kysely } from "kysely";
 import { createCgroupManager } from "./cgroups/cgroup.js";
 import { settings } from "./config.js";
 import { createSampler } from "./metering/sampler.js";
+import { createUsageForwarder } from "./metering/usage-forwarder.js";
 import { createMetaldMetrics } from "./metrics.js";
 import { migrations } from "./migrations.js";
 import { createNetworkAttacher } from "./network/attach.js";
@@ -37,7 +39,15 @@ export const metald = defineService({
       blockedCidrs: config.egressBlockedCidrs,
     });
     const forwarder = createPortForwarder({ bindAddresses: [config.bindAddress], logger: log });
-    const sampler = createSampler({ logger: log });
+    const usage = config.billagedEnabled
+      ? createUsageForwarder({
+          transport: peers.billaged!,
+          instanceId: os.hostname(),
+          batchIntervalMs: config.usageBatchInterval,
+          log,
+        })
+      : undefined;
+    const sampler = createSampler({ logger: log, onSample: usage ? (s) => usage.sample(s) : undefined });
     const backends = await createBackendRegistry();
     const m = createMetaldMetrics(metrics, () => store.countByStateAndBackend());
     const vms = createVmManager({
@@ -61,6 +71,11 @@ export const metald = defineService({
       cgroups: createCgroupManager(),
       sampler,
       limits: tierLimits(),
+      events: usage && {
+        started: (vm) => usage.started(vm),
+        adopted: (vm) => usage.adopted(vm),
+        stopped: (vm) => void usage.stopped(vm),
+      },
       settings: {
         vmRoot,
         endpointHost: config.bindAddress === "0.0.0.0" ? "127.0.0.1" : config.bindAddress,
@@ -95,6 +110,7 @@ export const metald = defineService({
           log.error({ err }, networkError);
         }
         sampler.start();
+        usage?.start();
         trimTimer = setInterval(() => {
           void (async () => {
             for (const row of await store.all()) {
@@ -110,6 +126,7 @@ export const metald = defineService({
       async stop() {
         clearInterval(trimTimer);
         await vms.stop();
+        await usage?.stop();
       },
     };
   },

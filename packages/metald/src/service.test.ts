@@ -6,8 +6,14 @@
  */
 import fs from "node:fs";
 import path from "node:path";
-import { Code, ConnectError, createClient } from "@connectrpc/connect";
-import { metald as api, BuilderService, VmService } from "@kiln/api";
+import {
+  Code,
+  ConnectError,
+  createClient,
+  createRouterTransport,
+  type ServiceImpl,
+} from "@connectrpc/connect";
+import { metald as api, BillingService, BuilderService, type billaged, VmService } from "@kiln/api";
 import { tempDir } from "@kiln/kit/testing";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { HTTPD_INDEX, pushBusyboxHttpd } from "../../builderd/src/testing/images.js";
@@ -181,6 +187,45 @@ describe("metald on runc", () => {
     await vms.deleteVm({ vmId: b.vmId }, headers("acme"));
     expect(leaks(a.vmId)).toEqual([]);
     expect(leaks(b.vmId)).toEqual([]);
+  });
+
+  it("hands starts, 100 ms usage samples in batches, and stops to billaged", async () => {
+    // billaged's RPCs are a later issue: a recording BillingService stands in for it.
+    const seen: Array<{ rpc: string; tenant: string | null; req: unknown }> = [];
+    const record = (rpc: string) => async (req: unknown, ctx: { requestHeader: Headers }) => {
+      seen.push({ rpc, tenant: ctx.requestHeader.get("x-kiln-tenant-id"), req });
+      return { success: true };
+    };
+    const billaged = createRouterTransport((r) =>
+      r.service(BillingService, {
+        sendMetricsBatch: record("batch"),
+        sendHeartbeat: record("heartbeat"),
+        notifyVmStarted: record("started"),
+        notifyVmStopped: record("stopped"),
+        notifyPossibleGap: record("gap"),
+      } as unknown as ServiceImpl<typeof BillingService>),
+    );
+    await p.metald.stop();
+    p.metald = await p.startMetald({ billaged });
+    vms = createClient(VmService, p.metald.service.transport);
+    const { vmId } = await vms.createVm({ config: { rootfsAssetId, backend: "runc" } }, headers("acme"));
+    await vms.bootVm({ vmId }, headers("acme"));
+    await until(async () => (seen.filter((c) => c.rpc === "batch").length >= 2 ? true : undefined), 10_000);
+    await vms.shutdownVm({ vmId }, headers("acme"));
+    await vms.deleteVm({ vmId }, headers("acme"));
+    const mine = seen.filter((c) => c.rpc !== "heartbeat");
+    expect(mine[0]).toMatchObject({ rpc: "started", tenant: "acme" });
+    expect(mine.at(-1)).toMatchObject({ rpc: "stopped", tenant: "acme" });
+    const batches = mine
+      .filter((c) => c.rpc === "batch")
+      .map((c) => c.req as billaged.SendMetricsBatchRequest);
+    const samples = batches.flatMap((b) => b.metrics);
+    expect(samples.length).toBeGreaterThan(5);
+    // Cumulative CPU never goes back; sequences (first sample's time) strictly increase.
+    for (let i = 1; i < samples.length; i++)
+      expect(samples[i]!.cpuTimeNanos >= samples[i - 1]!.cpuTimeNanos).toBe(true);
+    for (let i = 1; i < batches.length; i++)
+      expect(batches[i]!.sequence > batches[i - 1]!.sequence).toBe(true);
   });
 
   it("runs deployments: N replicas, scaled up and down, deleted with their VMs", async () => {

@@ -3,6 +3,7 @@
  * dir, wired in-process as `kiln up` does, plus helpers to poll a workload and count leftovers.
  */
 import fs from "node:fs";
+import type { Transport } from "@connectrpc/connect";
 import { assetmanagerd } from "@kiln/assetmanagerd";
 import { builderd } from "@kiln/builderd";
 import { startTestService } from "@kiln/kit/testing";
@@ -38,14 +39,19 @@ export async function startPlatform(dataDir: string, insecure: string, backend =
     env: { UNKEY_BUILDERD_DATA_DIR: dataDir, UNKEY_BUILDERD_INSECURE_REGISTRIES: insecure },
     peerTransport: () => assets.service.transport,
   });
-  const startMetald = () =>
+  /** `billaged`: a transport standing in for billaged (usage hand-off is enabled with it). */
+  const startMetald = (opts: { billaged?: Transport } = {}) =>
     startTestService(metald, {
       env: {
         UNKEY_METALD_DATA_DIR: dataDir,
         UNKEY_METALD_BACKEND: backend,
         UNKEY_METALD_SHUTDOWN_GRACE: "5s",
+        ...(opts.billaged
+          ? { UNKEY_METALD_BILLAGED_ENABLED: "true", UNKEY_METALD_USAGE_BATCH_INTERVAL: "300ms" }
+          : {}),
       },
-      peerTransport: () => assets.service.transport,
+      peerTransport: (peer) =>
+        peer === "billaged" && opts.billaged ? opts.billaged : assets.service.transport,
     });
   return { assets, builder, metald: await startMetald(), startMetald };
 }

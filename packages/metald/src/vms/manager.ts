@@ -58,8 +58,11 @@ export interface BackendRegistry {
   choose(requested: string): Promise<BackendName>;
 }
 
+/** Lifecycle facts for whoever bills (metering/usage-forwarder.ts hands them to billaged). */
 export interface VmLifecycleEvents {
   started?(vm: { vmId: string; tenant: TenantContext }): void;
+  /** A VM found still running after a metald restart. */
+  adopted?(vm: { vmId: string; tenant: TenantContext }): void;
   stopped?(vm: { vmId: string; tenant: TenantContext; reason: string }): void;
 }
 
@@ -559,6 +562,7 @@ export function createVmManager(deps: VmManagerDeps) {
           }
           adopted++;
           await attachRunning(row.vm_id, rt);
+          deps.events?.adopted?.({ vmId: row.vm_id, tenant: tenantOf(row) });
           if (found !== row.state) await store.update(row.vm_id, { state: found });
           log.info(
             { vm_id: row.vm_id, tenant_id: row.tenant_id, state: found },
