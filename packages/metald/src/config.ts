@@ -18,6 +18,12 @@ export const settings = {
     form: "an IPv4 CIDR such as 10.213.0.0/16",
     doc: "Addresses VMs get (one each, never two VMs at once). Must not overlap a network the host routes.",
   }),
+  routerName: str({
+    default: "kiln-router",
+    pattern: /^[a-z][a-z0-9-]{0,10}$/,
+    form: "1-11 characters [a-z0-9-], starting with a letter",
+    doc: "Name of the network namespace all VM namespaces are wired to (its host-side veth is <name>-up). Two metalds on one host need different names and CIDRs.",
+  }),
   portRange: str({
     default: "20000-29999",
     pattern: /^\d+-\d+$/,

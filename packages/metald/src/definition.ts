@@ -35,6 +35,8 @@ export const metald = defineService({
     const store = createVmStore(kdb);
     const vmRoot = config.vmRoot || path.join(dataDir, "vms");
     const router = createRouter({
+      name: config.routerName,
+      uplinkName: config.routerName === "kiln-router" ? "kiln-uplink" : `${config.routerName}-up`,
       layout: addressLayout(config.networkCidr),
       blockedCidrs: config.egressBlockedCidrs,
     });

@@ -48,6 +48,8 @@ describe("kiln run", () => {
     const platformEnv: Record<string, string> = {
       UNKEY_BUILDERD_INSECURE_REGISTRIES: registry.host,
       UNKEY_METALD_BACKEND: "runc",
+      UNKEY_METALD_ROUTER_NAME: "kiln-test",
+      UNKEY_METALD_NETWORK_CIDR: "10.214.0.0/16",
     };
     for (const def of SERVICES) {
       const p = `UNKEY_${def.name.toUpperCase()}_`;

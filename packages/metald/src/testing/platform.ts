@@ -46,6 +46,9 @@ export async function startPlatform(dataDir: string, insecure: string, backend =
         UNKEY_METALD_DATA_DIR: dataDir,
         UNKEY_METALD_BACKEND: backend,
         UNKEY_METALD_SHUTDOWN_GRACE: "5s",
+        // Tests get their own router and VM network, apart from a real metald on this host.
+        UNKEY_METALD_ROUTER_NAME: "kiln-test",
+        UNKEY_METALD_NETWORK_CIDR: "10.214.0.0/16",
         ...(opts.billaged
           ? { UNKEY_METALD_BILLAGED_ENABLED: "true", UNKEY_METALD_USAGE_BATCH_INTERVAL: "300ms" }
           : {}),
