@@ -147,7 +147,7 @@ export async function runPipeline(spec: BuildSpec, deps: PipelineDeps): Promise<
   signal.addEventListener("abort", abortDownloads, { once: true });
   const limit = semaphore(deps.layerConcurrency);
   const pullStarted = performance.now();
-  const downloads = image.layers.map((layer, i) =>
+  const fetchLayer = (layer: (typeof image.layers)[number], i: number) =>
     limit(async () => {
       if (await deps.cache.has(layer.digest)) {
         layersCached++;
@@ -169,7 +169,12 @@ export async function runPipeline(spec: BuildSpec, deps: PipelineDeps): Promise<
         },
       );
       return file;
-    }),
+    });
+  // The first layer goes alone, so extraction can start as early as possible; the rest then
+  // download in parallel while earlier layers are applied.
+  const first = image.layers.length > 0 ? fetchLayer(image.layers[0]!, 0) : undefined;
+  const downloads = image.layers.map((layer, i) =>
+    i === 0 ? first! : first!.then(() => fetchLayer(layer, i)),
   );
   // A failed download must not leave others running or an unhandled rejection behind.
   for (const d of downloads) d.catch(() => downloadAbort.abort());
