@@ -97,7 +97,9 @@ describe("sampler", () => {
     const file = path.join(os.tmpdir(), `kiln-sampler-${randomBytes(4).toString("hex")}`);
     try {
       const dd = await runIn(cg, "dd", ["if=/dev/zero", `of=${file}`, "bs=1M", "count=8", "oflag=direct"]);
-      await new Promise((resolve) => dd.once("exit", resolve));
+      // dd may already have exited while runIn waited for it to join the cgroup.
+      if (dd.exitCode === null && dd.signalCode === null)
+        await new Promise((resolve) => dd.once("exit", resolve));
       sampler = createSampler();
       sampler.add(targetOf(cg));
       sampler.start();
