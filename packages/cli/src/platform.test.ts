@@ -18,6 +18,9 @@ function freePortEnv(): Record<string, string> {
     env[`${p}METRICS_PORT`] = "0";
     env[`${p}LOG_LEVEL`] = "warn";
   }
+  // Tests get their own VM router and network, apart from a real metald on this host.
+  env.UNKEY_METALD_ROUTER_NAME = "kiln-test";
+  env.UNKEY_METALD_NETWORK_CIDR = "10.214.0.0/16";
   return env;
 }
 
