@@ -20,3 +20,4 @@ export * from "./tracing.js";
 export * from "./transport.js";
 export * from "./unimplemented.js";
 export { assertValid, type Violation, violations } from "./validate/validator.js";
+export * from "./exec/spawner.js";
