@@ -1,5 +1,4 @@
-import { execFile } from "node:child_process";
-import { FailedPreconditionError, InternalError } from "@kiln/kit";
+import { FailedPreconditionError, InternalError, sharedSpawner } from "@kiln/kit";
 
 /** A runtime command (runc, runsc, qemu-img, mount, …) that failed; carries its command line and stderr. */
 export class BackendCommandError extends InternalError {
@@ -22,40 +21,23 @@ export interface CommandOptions {
 }
 
 /** Runs a command without a shell and returns its stdout. */
-export function runCommand(
+export async function runCommand(
   file: string,
   args: readonly string[],
   opts: CommandOptions = {},
 ): Promise<{ stdout: string; stderr: string }> {
-  return new Promise((resolve, reject) => {
-    execFile(
-      file,
-      args,
-      {
-        timeout: opts.timeoutMs ?? 30_000,
-        killSignal: "SIGKILL",
-        maxBuffer: 32 * 1024 * 1024,
-        encoding: "utf8",
-        env: opts.env ?? process.env,
-      },
-      (err, stdout, stderr) => {
-        if (!err) return resolve({ stdout, stderr });
-        if (opts.tolerate?.test(stderr) || opts.tolerate?.test(stdout)) return resolve({ stdout, stderr });
-        const e = err as NodeJS.ErrnoException & { killed?: boolean };
-        const line = [file, ...args].join(" ");
-        if (e.code === "ENOENT") {
-          return reject(
-            new FailedPreconditionError(`${file} is not installed (running \`${line}\`)`, { cause: err }),
-          );
-        }
-        const code = typeof e.code === "number" ? e.code : undefined;
-        const why = e.killed
-          ? `timed out after ${opts.timeoutMs ?? 30_000} ms\n${stderr}`
-          : stderr || stdout || e.message;
-        reject(new BackendCommandError(line, why, code, { cause: err }));
-      },
-    );
-  });
+  const timeoutMs = opts.timeoutMs ?? 30_000;
+  const r = await sharedSpawner().run(file, args, { timeoutMs, maxBuffer: 32 * 1024 * 1024, env: opts.env });
+  const { stdout, stderr } = r;
+  if (r.code === 0) return { stdout, stderr };
+  if (opts.tolerate?.test(stderr) || opts.tolerate?.test(stdout)) return { stdout, stderr };
+  const line = [file, ...args].join(" ");
+  if (r.startError?.code === "ENOENT") {
+    throw new FailedPreconditionError(`${file} is not installed (running \`${line}\`)`);
+  }
+  const why =
+    r.startError?.message ?? (r.timedOut ? `timed out after ${timeoutMs} ms\n${stderr}` : stderr || stdout);
+  throw new BackendCommandError(line, why, r.code ?? undefined);
 }
 
 /** The first line of `<binary> <versionArg>`, or undefined when it cannot run. */

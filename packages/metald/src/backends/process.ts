@@ -1,7 +1,6 @@
-import { spawn } from "node:child_process";
 import fs from "node:fs/promises";
 import path from "node:path";
-import { InternalError } from "@kiln/kit";
+import { InternalError, sharedSpawner } from "@kiln/kit";
 
 /**
  * Host processes as backends see them: identified by pid *and* start time (a pid alone can be
@@ -187,8 +186,9 @@ export interface DetachedOptions {
 
 /**
  * Starts a long-lived process that does not depend on metald: stdin from /dev/null, stdout and
- * stderr appended to the log file, its own session, unreferenced so metald can exit. Resolves
- * once the process exists (or rejects when it cannot be started at all).
+ * stderr appended to the log file, its own session, unreferenced so metald can exit. Started by
+ * the process's spawn helper (kit's spawner: no fork of metald itself). Resolves once the
+ * process exists (or rejects when it cannot be started at all).
  */
 export async function spawnDetached(
   file: string,
@@ -196,28 +196,15 @@ export async function spawnDetached(
   opts: DetachedOptions,
 ): Promise<{ pid: number; exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }> }> {
   await fs.mkdir(path.dirname(opts.logFile), { recursive: true });
-  const log = await fs.open(opts.logFile, "a", 0o640);
   try {
-    const child = spawn(file, args, {
-      stdio: ["ignore", log.fd, log.fd],
-      detached: opts.newSession ?? true,
+    return await sharedSpawner().spawnDetached(file, args, {
+      logFile: opts.logFile,
       cwd: opts.cwd,
-      env: opts.env ?? process.env,
+      env: opts.env,
+      newSession: opts.newSession ?? true,
     });
-    const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => {
-      child.once("exit", (code, signal) => resolve({ code, signal }));
-      child.once("error", () => resolve({ code: null, signal: null }));
-    });
-    const pid = await new Promise<number>((resolve, reject) => {
-      child.once("spawn", () => resolve(child.pid!));
-      child.once("error", (err) =>
-        reject(new InternalError(`cannot start ${file}: ${err.message}`, { cause: err })),
-      );
-    });
-    child.unref();
-    return { pid, exited };
-  } finally {
-    await log.close();
+  } catch (err) {
+    throw new InternalError(err instanceof Error ? err.message : String(err), { cause: err });
   }
 }
 

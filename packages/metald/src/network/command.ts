@@ -1,5 +1,4 @@
-import { execFile } from "node:child_process";
-import { InternalError } from "@kiln/kit";
+import { InternalError, sharedSpawner } from "@kiln/kit";
 
 /** A host networking command (`ip`, `iptables`, `nsenter`) that failed; carries the command line and its stderr. */
 export class NetworkCommandError extends InternalError {
@@ -30,21 +29,16 @@ export interface RunOptions {
  * Runs a command without a shell and returns its stdout. Only for setup and teardown paths
  * (attach, detach, router, egress): the sampler never starts processes.
  */
-export function run(file: string, args: readonly string[], opts: RunOptions = {}): Promise<string> {
-  return new Promise((resolve, reject) => {
-    const child = execFile(
-      file,
-      args,
-      { timeout: opts.timeoutMs ?? 15_000, maxBuffer: 16 * 1024 * 1024, encoding: "utf8" },
-      (err, stdout, stderr) => {
-        if (!err) return resolve(stdout);
-        if (opts.tolerate?.test(stderr)) return resolve(stdout);
-        const code = typeof err.code === "number" ? err.code : undefined;
-        reject(new NetworkCommandError([file, ...args].join(" "), stderr || err.message, code, err));
-      },
-    );
-    if (opts.input !== undefined) child.stdin?.end(opts.input);
+export async function run(file: string, args: readonly string[], opts: RunOptions = {}): Promise<string> {
+  const r = await sharedSpawner().run(file, args, {
+    timeoutMs: opts.timeoutMs ?? 15_000,
+    maxBuffer: 16 * 1024 * 1024,
+    input: opts.input,
   });
+  if (r.code === 0) return r.stdout;
+  if (opts.tolerate?.test(r.stderr)) return r.stdout;
+  const why = r.startError?.message ?? (r.timedOut ? `timed out\n${r.stderr}` : r.stderr);
+  throw new NetworkCommandError([file, ...args].join(" "), why, r.code ?? undefined);
 }
 
 /** `ip` in a named network namespace (`ip -n NAME …`), or the host's when `netns` is undefined. */
