@@ -14,11 +14,16 @@ import {
   type ServiceImpl,
 } from "@connectrpc/connect";
 import { metald as api, BillingService, BuilderService, type billaged, VmService } from "@kiln/api";
+import { openDatabase } from "@kiln/kit";
 import { tempDir } from "@kiln/kit/testing";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { HTTPD_INDEX, pushBusyboxHttpd } from "../../builderd/src/testing/images.js";
 import { startTestRegistry } from "../../builderd/src/testing/registry.js";
+import type { VmSpec } from "./backends/backend.js";
+import { isAlive } from "./backends/process.js";
+import { createRuncBackend } from "./backends/runc.js";
 import { get, headers, leaks, startPlatform, until } from "./testing/platform.js";
+import { createVmStore, type MetaldDb } from "./vms/store.js";
 
 const S = api.VmState;
 
@@ -187,6 +192,33 @@ describe("metald on runc", () => {
     await vms.deleteVm({ vmId: b.vmId }, headers("acme"));
     expect(leaks(a.vmId)).toEqual([]);
     expect(leaks(b.vmId)).toEqual([]);
+  });
+
+  it("undoes a boot cut off by a metald crash: nothing runs unaccounted, and the VM boots again", async () => {
+    const c = await vms.createVm({ config: { rootfsAssetId, backend: "runc" } }, headers("acme"));
+    await p.metald.stop();
+    // What a metald killed inside BootVm leaves: the row still CREATED with its boot marker,
+    // the container started by the runtime.
+    const db = openDatabase<MetaldDb>({
+      url: "",
+      defaultSqlitePath: path.join(work.path, "data", "db", "metald.sqlite"),
+    });
+    const store = createVmStore(db.db);
+    const rt = JSON.parse((await store.get("acme", c.vmId))!.runtime_json) as { spec: VmSpec };
+    await store.update(c.vmId, { runtime_json: JSON.stringify({ ...rt, booting: true }) });
+    await db.close();
+    const orphan = await createRuncBackend().boot(rt.spec);
+    const url = `http://127.0.0.1:${c.endpoint!.ports[0]!.hostPort}/`;
+    expect(await isAlive({ pid: orphan.pid, startTime: orphan.pidStartTime })).toBe(true);
+
+    p.metald = await p.startMetald();
+    vms = createClient(VmService, p.metald.service.transport);
+    expect(await isAlive({ pid: orphan.pid, startTime: orphan.pidStartTime })).toBe(false);
+    expect((await vms.getVmInfo({ vmId: c.vmId }, headers("acme"))).vm!.state).toBe(S.CREATED);
+    expect((await vms.bootVm({ vmId: c.vmId }, headers("acme"))).state).toBe(S.RUNNING);
+    expect(await until(() => get(url))).toBe(HTTPD_INDEX);
+    await vms.deleteVm({ vmId: c.vmId }, headers("acme"));
+    expect(leaks(c.vmId)).toEqual([]);
   });
 
   it("hands starts, 100 ms usage samples in batches, and stops to billaged", async () => {

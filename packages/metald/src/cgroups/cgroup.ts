@@ -199,6 +199,22 @@ export function createCgroupManager(opts: CgroupManagerOptions = {}): CgroupMana
       }
     }
 
+    async function applyMemory(limits: CgroupLimits): Promise<void> {
+      const mem = limits.memoryLimitBytes > 0 ? String(limits.memoryLimitBytes) : "-1";
+      // memsw (memory + swap) must stay ≥ the memory limit: when growing, raise memsw first;
+      // when shrinking, lower the memory limit first.
+      const memsw = file("memory", "memory.memsw.limit_in_bytes");
+      const hasMemsw = await fs.access(memsw).then(
+        () => true,
+        () => false,
+      );
+      const current = Number((await fs.readFile(file("memory", "memory.limit_in_bytes"), "utf8")).trim());
+      const target = limits.memoryLimitBytes > 0 ? limits.memoryLimitBytes : Number.POSITIVE_INFINITY;
+      if (hasMemsw && target > current) await fs.writeFile(memsw, mem);
+      await fs.writeFile(file("memory", "memory.limit_in_bytes"), mem);
+      if (hasMemsw) await fs.writeFile(memsw, mem);
+    }
+
     const exists = () =>
       fs.access(dir("freezer")).then(
         () => true,
@@ -214,24 +230,17 @@ export function createCgroupManager(opts: CgroupManagerOptions = {}): CgroupMana
       pids,
       freezerState,
       async apply(limits) {
-        await fs.writeFile(file("cpu", "cpu.cfs_period_us"), String(limits.cpuPeriodUs));
-        await fs.writeFile(file("cpu", "cpu.cfs_quota_us"), String(limits.cpuQuotaUs));
-        await fs.writeFile(file("cpu", "cpu.shares"), String(limits.cpuShares));
-        const mem = limits.memoryLimitBytes > 0 ? String(limits.memoryLimitBytes) : "-1";
-        // memsw (memory + swap) must stay ≥ the memory limit: when growing, raise memsw first;
-        // when shrinking, lower the memory limit first.
-        const memsw = file("memory", "memory.memsw.limit_in_bytes");
-        const hasMemsw = await fs.access(memsw).then(
-          () => true,
-          () => false,
-        );
-        const current = Number((await fs.readFile(file("memory", "memory.limit_in_bytes"), "utf8")).trim());
-        const target = limits.memoryLimitBytes > 0 ? limits.memoryLimitBytes : Number.POSITIVE_INFINITY;
-        if (hasMemsw && target > current) await fs.writeFile(memsw, mem);
-        await fs.writeFile(file("memory", "memory.limit_in_bytes"), mem);
-        if (hasMemsw) await fs.writeFile(memsw, mem);
-        await fs.writeFile(file("pids", "pids.max"), limits.pidsMax > 0 ? String(limits.pidsMax) : "max");
-        await enableIoAccounting(dir("blkio"));
+        // Controllers are independent: each one's files are written in order, the four at once.
+        await Promise.all([
+          (async () => {
+            await fs.writeFile(file("cpu", "cpu.cfs_period_us"), String(limits.cpuPeriodUs));
+            await fs.writeFile(file("cpu", "cpu.cfs_quota_us"), String(limits.cpuQuotaUs));
+            await fs.writeFile(file("cpu", "cpu.shares"), String(limits.cpuShares));
+          })(),
+          applyMemory(limits),
+          fs.writeFile(file("pids", "pids.max"), limits.pidsMax > 0 ? String(limits.pidsMax) : "max"),
+          enableIoAccounting(dir("blkio")),
+        ]);
       },
       async add(pid) {
         for (const c of CONTROLLERS) await fs.writeFile(file(c, "cgroup.procs"), String(pid));
@@ -286,7 +295,7 @@ export function createCgroupManager(opts: CgroupManagerOptions = {}): CgroupMana
     get,
     async create(tenantId, vmId, limits) {
       const cg = get(tenantId, vmId);
-      for (const c of CONTROLLERS) await fs.mkdir(cg.path(c), { recursive: true });
+      await Promise.all(CONTROLLERS.map((c) => fs.mkdir(cg.path(c), { recursive: true })));
       await cg.apply(limits);
       return cg;
     },

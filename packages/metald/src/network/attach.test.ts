@@ -69,6 +69,24 @@ describe("VM network attach", () => {
     expect(await probeTcp(undefined, first.guestIp, 8080)).toEqual({ ok: true, data: "still here\n" });
   });
 
+  it("re-attaching repairs a namespace that lost its link to the router, in both modes", async () => {
+    for (const mode of ["address", "tap"] as const) {
+      const vmId = await newVm();
+      const first = await net.attacher.attach({ vmId, egressAllowed: true }, { mode });
+      // As if a crash (or an operator) removed the VM's veth pair: both ends go together.
+      await ip(net.router.name, ["link", "del", first.hostInterface]);
+      const again = await net.attacher.attach({ vmId, egressAllowed: true }, { mode });
+      expect(again).toEqual(first);
+      if (mode === "tap") {
+        await ip(first.netnsName, ["addr", "add", `${first.guestIp}/${first.prefixLen}`, "dev", "br0"]);
+        expect(await ip(first.netnsName, ["-j", "link", "show", "eth0"])).toContain('"master":"br0"');
+      }
+      servers.push(await startTestServer(first.netnsName, first.guestIp, 8080, mode));
+      expect(await probeTcp(undefined, first.guestIp, 8080)).toEqual({ ok: true, data: `${mode}\n` });
+      expect((await resources()).egressRules.filter((r) => r === first.hostInterface)).toHaveLength(1);
+    }
+  });
+
   it("gives two VMs different addresses and keeps them from reaching each other", async () => {
     const a = await net.attacher.attach({ vmId: await newVm(), egressAllowed: true }, { mode: "address" });
     const b = await net.attacher.attach({ vmId: await newVm(), egressAllowed: true }, { mode: "address" });

@@ -33,6 +33,14 @@ export interface AttachVm {
 
 export interface NetworkAttacher {
   /**
+   * The VM's network without touching the host: allocates its address (or reuses its
+   * allocation) and names its objects, so the rest of a VM can be prepared while `wire` runs.
+   */
+  plan(vm: AttachVm, opts: { mode: AttachMode }): Promise<VmNetwork>;
+  /** Creates or repairs the planned namespace and applies the egress policy. Idempotent. */
+  wire(vm: AttachVm, network: VmNetwork): Promise<void>;
+  /** `plan` then `wire`. */
+  /**
    * Allocates the VM's address (or reuses its allocation), creates or repairs its namespace and
    * applies its egress policy. Idempotent: re-attaching a running VM after a restart changes
    * nothing. The router must be ensured first.
@@ -66,25 +74,12 @@ export function createNetworkAttacher(deps: NetworkAttacherDeps): NetworkAttache
   const namesOf = (vmId: string) => vmNetworkNames(vmId, prefix);
 
   return {
-    async attach(vm, { mode }) {
-      const names = namesOf(vm.vmId);
-      const guestIp = await pool.allocate(vm.vmId);
-      const mac = macAddress(vm.vmId);
-      await createVmNamespace(router, { names, guestIp, macAddress: mac, mode });
-      await router.egress().setAllowed(names.hostVeth, vm.egressAllowed);
-      return {
-        netnsPath: netnsPath(names.netns),
-        guestIp,
-        prefixLen: router.layout.prefixLen,
-        gateway: router.layout.gateway,
-        ...(deps.dns ? { dns: deps.dns } : {}),
-        macAddress: mac,
-        ...(mode === "tap" ? { tapName: names.tap } : {}),
-        netnsName: names.netns,
-        hostInterface: names.hostVeth,
-        statsDir: router.statsDir(names.hostVeth),
-        mode,
-      };
+    plan,
+    wire,
+    async attach(vm, opts) {
+      const network = await plan(vm, opts);
+      await wire(vm, network);
+      return network;
     },
     async detach(vmId) {
       const names = namesOf(vmId);
@@ -96,4 +91,35 @@ export function createNetworkAttacher(deps: NetworkAttacherDeps): NetworkAttache
       await router.egress().setAllowed(namesOf(vmId).hostVeth, allowed);
     },
   };
+
+  async function plan(vm: AttachVm, { mode }: { mode: AttachMode }): Promise<VmNetwork> {
+    const names = namesOf(vm.vmId);
+    const guestIp = await pool.allocate(vm.vmId);
+    const mac = macAddress(vm.vmId);
+    return {
+      netnsPath: netnsPath(names.netns),
+      guestIp,
+      prefixLen: router.layout.prefixLen,
+      gateway: router.layout.gateway,
+      ...(deps.dns ? { dns: deps.dns } : {}),
+      macAddress: mac,
+      ...(mode === "tap" ? { tapName: names.tap } : {}),
+      netnsName: names.netns,
+      hostInterface: names.hostVeth,
+      statsDir: router.statsDir(names.hostVeth),
+      mode,
+    };
+  }
+
+  async function wire(vm: AttachVm, network: VmNetwork): Promise<void> {
+    const names = namesOf(vm.vmId);
+    const { fresh } = await createVmNamespace(router, {
+      names,
+      guestIp: network.guestIp,
+      macAddress: network.macAddress,
+      mode: network.mode,
+    });
+    // A new namespace has a new router interface, which no rule can name yet.
+    await router.egress().setAllowed(names.hostVeth, vm.egressAllowed, { fresh });
+  }
 }

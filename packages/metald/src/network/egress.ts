@@ -45,8 +45,11 @@ export interface EgressOptions {
 export interface EgressPolicy {
   /** (Re)writes the router's firewall, keeping the per-VM ALLOW rules already present. */
   install(): Promise<void>;
-  /** Lets the VM behind `hostVeth` open outbound connections, or not. Idempotent. */
-  setAllowed(hostVeth: string, allowed: boolean): Promise<void>;
+  /**
+   * Lets the VM behind `hostVeth` open outbound connections, or not. Idempotent. `fresh`: the
+   * interface was just created, so no rule names it yet and nothing needs reading first.
+   */
+  setAllowed(hostVeth: string, allowed: boolean, opts?: { fresh?: boolean }): Promise<void>;
   /** Removes the VM's rules (on detach). Idempotent. */
   remove(hostVeth: string): Promise<void>;
   /** Interfaces with an ALLOW rule (leak checks). */
@@ -149,9 +152,10 @@ export function createEgressPolicy(opts: EgressOptions): EgressPolicy {
           input: lines.map((l) => l.replace(/ {2,}/g, " ")).join("\n"),
         });
       }),
-    setAllowed: (hostVeth, allowed) =>
+    setAllowed: (hostVeth, allowed, { fresh = false } = {}) =>
       serial(async () => {
-        const present = (await allowedInterfaces()).includes(hostVeth);
+        if (fresh && !allowed) return;
+        const present = fresh ? false : (await allowedInterfaces()).includes(hostVeth);
         if (allowed && !present) await iptables(["-A", "KILN-ALLOW", ...allowRule(hostVeth)], EXISTS);
         if (!allowed && present) await removeRules(hostVeth);
       }),

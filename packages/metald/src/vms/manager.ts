@@ -49,6 +49,8 @@ export interface VmRuntime {
   leases: Array<{ leaseId: string; assetId: string }>;
   ports: Array<{ containerPort: number; hostPort: number; protocol: "tcp" | "udp" }>;
   network?: VmNetwork;
+  /** Set while BootVm runs: found on start-up, the boot was cut off by a metald crash. */
+  booting?: boolean;
 }
 
 /** How metald finds and chooses VM backends (backends/index.ts). */
@@ -106,6 +108,21 @@ export class VmNotFoundError extends NotFoundError {
   ) {
     super(`VM ${vmId} not found`);
   }
+}
+
+/**
+ * Like Promise.all, but waits for every promise to settle before throwing the first failure, so
+ * a cleanup that follows never races work still under way.
+ */
+async function settled<T extends readonly unknown[]>(
+  promises: T,
+): Promise<{ -readonly [K in keyof T]: Awaited<T[K]> }> {
+  const results = await Promise.allSettled(promises);
+  const failed = results.find((r) => r.status === "rejected");
+  if (failed) throw failed.reason;
+  return results.map((r) => (r as PromiseFulfilledResult<unknown>).value) as {
+    -readonly [K in keyof T]: Awaited<T[K]>;
+  };
 }
 
 const VM_BACKENDS: ReadonlySet<BackendName> = new Set(["qemu", "firecracker"]);
@@ -265,19 +282,32 @@ export function createVmManager(deps: VmManagerDeps) {
         await store.insert(row);
         const rt: Partial<VmRuntime> & { leases: VmRuntime["leases"] } = { leases: [], tier: tenant.tier };
         const vlog = log.child({ vm_id: vmId, tenant_id: tenant.tenantId, backend: backendName });
+        let wiring: Promise<void> | undefined;
+        let cgroupMade: Promise<unknown> | undefined;
         try {
+          // The network is planned first (address and names are all the VM's files need), then
+          // its namespace is wired while the assets are placed and the backend prepares.
+          const network = await deps.network.attacher.plan(
+            { vmId, egressAllowed: limits.egressAllowed },
+            { mode: VM_BACKENDS.has(backendName) ? "tap" : "address" },
+          );
+          rt.network = network;
+          wiring = deps.network.attacher.wire({ vmId, egressAllowed: limits.egressAllowed }, network);
+          wiring.catch(() => undefined); // awaited below; a failure meanwhile is not "unhandled"
+          cgroupMade = deps.cgroups.create(tenant.tenantId, vmId, cgLimits);
+          cgroupMade.catch(() => undefined); // awaited below
           await fs.mkdir(vmDir(vmId), { recursive: true, mode: 0o750 });
           // Assets: leased for the VM's lifetime, placed into its directory by assetmanagerd.
           const wanted = [req.rootfsAssetId, req.kernelAssetId, req.initrdAssetId].filter(Boolean);
-          for (const assetId of wanted) {
-            rt.leases.push({
-              assetId,
-              leaseId: await deps.assets.acquire(tenant, assetId, `metald:${vmId}`),
-            });
-          }
-          const placed = await deps.assets.prepare(tenant, wanted, `${vmId}/assets`, `metald:${vmId}`);
+          const [placed, image] = await settled([
+            deps.assets.prepare(tenant, wanted, `${vmId}/assets`, `metald:${vmId}`),
+            deps.assets.imageConfig(tenant, req.rootfsAssetId),
+            ...wanted.map(async (assetId) => {
+              const leaseId = await deps.assets.acquire(tenant, assetId, `metald:${vmId}`);
+              rt.leases.push({ assetId, leaseId });
+            }),
+          ] as const);
           const rootfs = placed[req.rootfsAssetId]!;
-          const image = await deps.assets.imageConfig(tenant, req.rootfsAssetId);
           let kernel: string | undefined;
           let initrd: string | undefined;
           if (VM_BACKENDS.has(backendName)) {
@@ -292,10 +322,6 @@ export function createVmManager(deps: VmManagerDeps) {
             workingDir: image?.workingDir || "/",
             user: image?.user ?? "",
           };
-          const network = await deps.network.attacher.attach(
-            { vmId, egressAllowed: limits.egressAllowed },
-            { mode: VM_BACKENDS.has(backendName) ? "tap" : "address" },
-          );
           // Ports: the request's, else every port the image exposes; host ports from the pool.
           const portRequests =
             req.ports.length > 0
@@ -313,8 +339,7 @@ export function createVmManager(deps: VmManagerDeps) {
             const a = await deps.network.ports.allocate(vmId, p);
             rt.ports.push({ containerPort: a.containerPort, hostPort: a.hostPort, protocol: a.protocol });
           }
-          const cgroup = await deps.cgroups.create(tenant.tenantId, vmId, cgLimits);
-          rt.network = network;
+          const cgroup = deps.cgroups.get(tenant.tenantId, vmId);
           rt.spec = {
             vmId,
             tenantId: tenant.tenantId,
@@ -346,10 +371,13 @@ export function createVmManager(deps: VmManagerDeps) {
           };
           const handle = await backend.create(rt.spec);
           if (handle) rt.handle = handle;
+          await settled([wiring, cgroupMade]);
           await store.update(vmId, { runtime_json: JSON.stringify(rt) });
           vlog.info({ rootfs_asset: req.rootfsAssetId, ports: rt.ports }, "VM created");
           return { ...row, runtime_json: JSON.stringify(rt) };
         } catch (err) {
+          // Teardown must not race the namespace or cgroup still being made.
+          await Promise.allSettled([wiring, cgroupMade]);
           vlog.warn({ err }, "VM creation failed; removing what was set up");
           await teardown(
             row,
@@ -369,6 +397,7 @@ export function createVmManager(deps: VmManagerDeps) {
           const rt = runtimeOf(row);
           const backend = deps.backends.get(row.backend as BackendName);
           const started = performance.now();
+          await store.update(vmId, { runtime_json: JSON.stringify({ ...rt, booting: true }) });
           try {
             rt.handle = await backend.boot(rt.spec);
             await attachRunning(vmId, rt);
@@ -540,6 +569,19 @@ export function createVmManager(deps: VmManagerDeps) {
             { vmId: row.vm_id, egressAllowed: limits.egressAllowed },
             { mode: VM_BACKENDS.has(row.backend as BackendName) ? "tap" : "address" },
           );
+          if (rt.booting && row.state !== "running" && row.state !== "paused") {
+            // metald died inside BootVm: whatever the backend had started runs unaccounted.
+            // Undo it; the VM keeps its state and can be booted again.
+            await backend.delete(rt.spec, rt.handle);
+            rt.handle = (await backend.create(rt.spec)) ?? undefined;
+            rt.booting = undefined;
+            await store.update(row.vm_id, { runtime_json: JSON.stringify(rt) });
+            log.warn(
+              { vm_id: row.vm_id, tenant_id: row.tenant_id, state: row.state },
+              "a boot cut off by a metald restart was undone",
+            );
+            continue;
+          }
           if (row.state !== "running" && row.state !== "paused") continue;
           const found = rt.handle ? await backend.adopt(rt.spec, rt.handle) : "gone";
           if (found === "gone") {
