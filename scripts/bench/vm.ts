@@ -29,7 +29,7 @@ import {
 } from "../../packages/builderd/src/testing/images.js";
 import { freePort, startTestRegistry } from "../../packages/builderd/src/testing/registry.js";
 import type { VmSpec } from "../../packages/metald/src/backends/backend.js";
-import { mountOverlay, unmountUnder } from "../../packages/metald/src/backends/mounts.js";
+import { mountImage, mountOverlay, unmountUnder } from "../../packages/metald/src/backends/mounts.js";
 import { containerArgs, ociRuntimeConfig } from "../../packages/metald/src/backends/oci/config.js";
 import { killAndWait, processesMentioning } from "../../packages/metald/src/backends/process.js";
 import {
@@ -108,7 +108,8 @@ async function bareOci(kind: "runc" | "gvisor", ext4: string, work: string): Pro
   try {
     const t0 = performance.now();
     const merged = path.join(bundle, "rootfs");
-    await mountOverlay(ext4, { lower: `${dir}/lower`, upper: `${dir}/upper`, work: `${dir}/work`, merged });
+    await mountImage(ext4, `${dir}/lower`);
+    await mountOverlay({ lower: `${dir}/lower`, upper: `${dir}/upper`, work: `${dir}/work`, merged });
     const image = busyboxHttpdImage().config!;
     const port = await freePort();
     const cmd = (image.Cmd ?? []).map((a) => (a === String(HTTPD_PORT) ? String(port) : a));

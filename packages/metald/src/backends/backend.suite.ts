@@ -380,7 +380,7 @@ export async function cleanupVmFixture(target: SuiteTarget, vm: VmFixture): Prom
     if (st !== undefined) process.kill(pid, "SIGKILL");
   }
   await sleep(50);
-  await unmountUnder(vm.spec.dir).catch((err: unknown) => errors.push(err));
+  await unmountUnder(vm.dir.path).catch((err: unknown) => errors.push(err));
   vm.network?.remove();
   vm.cgroup.remove();
   vm.dir.remove();
@@ -528,7 +528,7 @@ export function backendConformanceSuite(target: SuiteTarget): void {
       expect(await isAlive({ pid: h.pid, startTime: h.pidStartTime })).toBe(false);
       expect(processesMentioning(vm.spec.dir)).toEqual([]);
       for (const d of vm.cgroup.dirs) expect(cgroupPids(d), `${d} holds no process`).toEqual([]);
-      expect(await mountsUnder(vm.spec.dir)).toEqual([]);
+      expect(await mountsUnder(vm.dir.path)).toEqual([]); // the VM and the shared image mounts
       expect(execFileSync("losetup", ["-j", vm.spec.rootfs], { encoding: "utf8" }).trim()).toBe("");
       expect(fs.readdirSync(vm.spec.dir), "the VM directory is empty again").toEqual([]);
       expect(cgroupDirsNamed(vm.cgroup.rel), "only metald's own cgroup directories remain").toEqual(before);
@@ -548,7 +548,7 @@ export function backendConformanceSuite(target: SuiteTarget): void {
         await b.delete(vm.spec, h);
         expect(processesMentioning(vm.spec.dir)).toEqual([]);
         for (const d of vm.cgroup.dirs) expect(cgroupPids(d), `${d} holds no process`).toEqual([]);
-        expect(await mountsUnder(vm.spec.dir)).toEqual([]);
+        expect(await mountsUnder(vm.dir.path)).toEqual([]); // the VM and the shared image mounts
         expect(fs.readdirSync(vm.spec.dir)).toEqual([]);
       },
     );
@@ -568,7 +568,7 @@ export function backendConformanceSuite(target: SuiteTarget): void {
       expect(await restarted.adopt(vm.spec, h)).toBe("gone");
       await restarted.delete(vm.spec, h);
       expect(processesMentioning(vm.spec.dir)).toEqual([]);
-      expect(await mountsUnder(vm.spec.dir)).toEqual([]);
+      expect(await mountsUnder(vm.dir.path)).toEqual([]); // the VM and the shared image mounts
       expect(fs.readdirSync(vm.spec.dir)).toEqual([]);
     });
   });

@@ -4,7 +4,15 @@ import path from "node:path";
 import { InvalidArgumentError } from "@kiln/kit";
 import { tempDir } from "@kiln/kit/testing";
 import { afterEach, describe, expect, it } from "vitest";
-import { isMountPoint, mountOverlay, mountsUnder, unmountUnder } from "./mounts.js";
+import {
+  isMountPoint,
+  mountImage,
+  mountOverlay,
+  mountOverlayOnSharedImage,
+  mountsUnder,
+  unmountSharedOverlay,
+  unmountUnder,
+} from "./mounts.js";
 
 const cleanups: Array<() => Promise<void> | void> = [];
 afterEach(async () => {
@@ -34,8 +42,7 @@ describe("mounts", () => {
     expect(await mountsUnder(d)).toEqual([]);
   });
 
-  it("overlays a writable layer on a read-only image without touching the image", async () => {
-    const d = dir();
+  function makeImage(d: string): string {
     const src = path.join(d, "src");
     fs.mkdirSync(path.join(src, "etc"), { recursive: true });
     fs.writeFileSync(path.join(src, "etc/hostname"), "base\n");
@@ -43,6 +50,15 @@ describe("mounts", () => {
     fs.writeFileSync(image, "");
     fs.truncateSync(image, 8 << 20);
     execFileSync("mkfs.ext4", ["-q", "-F", "-d", src, image]);
+    return image;
+  }
+
+  const loopDevices = (image: string) =>
+    execFileSync("losetup", ["-j", image], { encoding: "utf8" }).trim().split("\n").filter(Boolean);
+
+  it("overlays a writable layer on a read-only image without touching the image", async () => {
+    const d = dir();
+    const image = makeImage(d);
     const before = fs.readFileSync(image);
     const paths = {
       lower: path.join(d, "vm/lower"),
@@ -50,21 +66,72 @@ describe("mounts", () => {
       work: path.join(d, "vm/work"),
       merged: path.join(d, "vm/rootfs"),
     };
-    await mountOverlay(image, paths);
-    await mountOverlay(image, paths); // idempotent
+    for (let i = 0; i < 2; i++) {
+      // idempotent
+      await mountImage(image, paths.lower);
+      await mountOverlay(paths);
+    }
     expect((await mountsUnder(path.join(d, "vm"))).length).toBe(2);
     fs.writeFileSync(path.join(paths.merged, "etc/hostname"), "vm\n");
     expect(fs.readFileSync(path.join(paths.upper, "etc/hostname"), "utf8")).toBe("vm\n");
     expect(fs.readFileSync(path.join(paths.lower, "etc/hostname"), "utf8")).toBe("base\n");
     expect(() => fs.writeFileSync(path.join(paths.lower, "x"), "")).toThrow(/EROFS|read-only/);
     await unmountUnder(path.join(d, "vm"));
-    expect(execFileSync("losetup", ["-j", image], { encoding: "utf8" })).toBe("");
+    expect(loopDevices(image)).toEqual([]);
     expect(fs.readFileSync(image).equals(before)).toBe(true);
+  });
+
+  it("shares one read-only mount of an image between VMs and unmounts it with the last one", async () => {
+    const d = dir();
+    const image = makeImage(d);
+    const images = path.join(d, ".images");
+    // Two VMs whose rootfs files are hard links to one blob, as PrepareAssets places them.
+    const vms = ["vm1", "vm2"].map((vm) => {
+      fs.mkdirSync(path.join(d, vm));
+      fs.linkSync(image, path.join(d, vm, "rootfs.ext4"));
+      return {
+        rootfs: path.join(d, vm, "rootfs.ext4"),
+        paths: {
+          upper: path.join(d, vm, "upper"),
+          work: path.join(d, vm, "work"),
+          merged: path.join(d, vm, "rootfs"),
+        },
+      };
+    });
+    const lowers = await Promise.all(vms.map((vm) => mountOverlayOnSharedImage(images, vm.rootfs, vm.paths)));
+    expect(lowers[0]).toBe(lowers[1]);
+    expect(await mountOverlayOnSharedImage(images, vms[0]!.rootfs, vms[0]!.paths)).toBe(lowers[0]); // idempotent
+    expect(loopDevices(image)).toHaveLength(1);
+    fs.writeFileSync(path.join(vms[0]!.paths.merged, "etc/hostname"), "vm1\n");
+    expect(fs.readFileSync(path.join(vms[1]!.paths.merged, "etc/hostname"), "utf8")).toBe("base\n");
+
+    await unmountSharedOverlay(images, vms[0]!.paths.merged);
+    expect(await isMountPoint(vms[0]!.paths.merged)).toBe(false);
+    expect(await isMountPoint(lowers[0]!)).toBe(true); // vm2 still runs on it
+    expect(fs.readFileSync(path.join(vms[1]!.paths.merged, "etc/hostname"), "utf8")).toBe("base\n");
+
+    await unmountSharedOverlay(images, vms[1]!.paths.merged);
+    await unmountSharedOverlay(images, vms[1]!.paths.merged); // idempotent
+    expect(await mountsUnder(d)).toEqual([]);
+    expect(fs.readdirSync(images)).toEqual([]);
+    expect(loopDevices(image)).toEqual([]);
+  });
+
+  it("releases a shared image a crash left mounted without overlays", async () => {
+    const d = dir();
+    const image = makeImage(d);
+    const images = path.join(d, ".images");
+    const paths = { upper: `${d}/vm/upper`, work: `${d}/vm/work`, merged: `${d}/vm/rootfs` };
+    const lower = await mountOverlayOnSharedImage(images, image, paths);
+    await unmountUnder(paths.merged); // as if metald died between the two unmounts
+    await unmountSharedOverlay(images, paths.merged);
+    expect(await isMountPoint(lower)).toBe(false);
+    expect(loopDevices(image)).toEqual([]);
   });
 
   it("refuses directories overlayfs options cannot express", async () => {
     const d = dir();
     const paths = { lower: `${d}/a,b`, upper: `${d}/u`, work: `${d}/w`, merged: `${d}/m` };
-    await expect(mountOverlay(path.join(d, "x.ext4"), paths)).rejects.toBeInstanceOf(InvalidArgumentError);
+    await expect(mountOverlay(paths)).rejects.toBeInstanceOf(InvalidArgumentError);
   });
 });

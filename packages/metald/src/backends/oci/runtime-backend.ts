@@ -12,7 +12,7 @@ import {
 } from "../backend.js";
 import { missingCgroupDirs, normalizeCgroupPath, removeCgroupDirs } from "../cgroups.js";
 import { BackendCommandError, runCommand } from "../command.js";
-import { mountOverlay, type OverlayPaths, unmountUnder } from "../mounts.js";
+import { mountOverlayOnSharedImage, unmountSharedOverlay, unmountUnder } from "../mounts.js";
 import {
   identify,
   isAlive,
@@ -44,8 +44,12 @@ export interface OciRuntime {
 }
 
 /** Files of one VM under `<spec.dir>/<backend>/`: everything the backend makes, so delete finds it all. */
-export interface BundleLayout extends OverlayPaths {
+export interface BundleLayout {
   root: string;
+  /** The VM's writable root: an overlay of upper (its changes) over the shared base image. */
+  merged: string;
+  upper: string;
+  work: string;
   bundle: string;
   config: string;
   etc: string;
@@ -66,7 +70,6 @@ export function bundleLayout(dir: string, backend: BackendName): BundleLayout {
     bundle,
     config: path.join(bundle, "config.json"),
     merged: path.join(bundle, "rootfs"),
-    lower: path.join(root, "lower"),
     upper: path.join(root, "upper"),
     work: path.join(root, "work"),
     etc: path.join(root, "etc"),
@@ -87,6 +90,9 @@ export function containerCgroupPath(spec: VmSpec, backend: BackendName): string 
   if (spec.cgroupParent !== undefined) return `/${normalizeCgroupPath(spec.cgroupParent)}/${backend}`;
   return `/kiln-${backend}-${spec.vmId}`;
 }
+
+/** Where base images shared by the VMs of this VM root are mounted (mounts.ts). */
+export const imagesDir = (spec: VmSpec) => path.join(path.dirname(spec.dir), ".images");
 
 const CONTAINER_ID = /^[A-Za-z0-9_.-]{1,64}$/;
 const START_TIMEOUT_MS = 60_000;
@@ -125,7 +131,11 @@ export function createOciRuntimeBackend(rt: OciRuntime): Backend {
     const l = bundleLayout(spec.dir, name);
     await fs.mkdir(l.state, { recursive: true, mode: 0o700 });
     await fs.mkdir(l.etc, { recursive: true });
-    await mountOverlay(spec.rootfs, { lower: l.lower, upper: l.upper, work: l.work, merged: l.merged });
+    await mountOverlayOnSharedImage(imagesDir(spec), spec.rootfs, {
+      upper: l.upper,
+      work: l.work,
+      merged: l.merged,
+    });
 
     const user = await resolveImageUser(l.merged, spec.workload.user, "workload.user");
     const tini = await fs.lstat(path.join(l.merged, ".kiln")).then(
@@ -319,7 +329,8 @@ export function createOciRuntimeBackend(rt: OciRuntime): Backend {
       // Whatever the runtime left running for this VM (runsc's gofer, a sandbox it lost track of).
       for (const p of await processesMentioning(l.root)) await killAndWait(p);
       await removeCreatedCgroups(l);
-      await unmountUnder(l.root);
+      await unmountSharedOverlay(imagesDir(spec), l.merged);
+      await unmountUnder(l.root); // anything else, e.g. a lower mount of the VM's own (older layout)
       await fs.rm(l.root, { recursive: true, force: true });
     },
 
