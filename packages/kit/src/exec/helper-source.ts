@@ -10,7 +10,8 @@
  *        { id, kind: "failed", error }                                           (detached)
  *
  * `error` is { code, message } when the program could not be started (ENOENT, EACCES).
- * The helper exits when its parent goes away (the IPC channel closes).
+ * The helper exits when its parent goes away (the IPC channel closes), and only then: it ignores
+ * the signals a terminal or service manager sends to the parent's process group.
  */
 export const HELPER_SOURCE = String.raw`
 import { spawn } from "node:child_process";
@@ -71,4 +72,7 @@ process.on("message", (m) => {
   }
 });
 process.on("disconnect", () => process.exit(0));
+// Ctrl-C or a service manager signals the whole process group: the parent may still need the
+// helper while it shuts down, and the helper ends when the parent does.
+for (const sig of ["SIGINT", "SIGTERM", "SIGHUP"]) process.on(sig, () => {});
 `;

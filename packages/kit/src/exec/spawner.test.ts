@@ -71,6 +71,14 @@ describe("spawner", () => {
     expect(Number(sid)).toBe(p.pid); // session leader: setsid
   });
 
+  it("keeps the helper through signals sent to the whole process group (Ctrl-C)", async () => {
+    const helperPid = Number((await spawner.run("sh", ["-c", "echo $PPID"])).stdout.trim());
+    process.kill(helperPid, "SIGINT");
+    process.kill(helperPid, "SIGTERM");
+    await new Promise((r) => setTimeout(r, 100));
+    expect(Number((await spawner.run("sh", ["-c", "echo $PPID"])).stdout.trim())).toBe(helperPid);
+  });
+
   it("answers commands under way when the helper dies, and starts a new helper for the next", async () => {
     const other = createSpawner();
     try {
