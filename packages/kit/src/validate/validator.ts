@@ -1,4 +1,11 @@
-import { type DescField, type DescMessage, getOption, hasOption, type Message } from "@bufbuild/protobuf";
+import {
+  type DescField,
+  type DescMessage,
+  type DescOneof,
+  getOption,
+  hasOption,
+  type Message,
+} from "@bufbuild/protobuf";
 import { type ReflectMessage, reflect } from "@bufbuild/protobuf/reflect";
 import { validate } from "@kiln/api";
 import { InvalidArgumentError } from "../errors.js";
@@ -36,23 +43,43 @@ function join(prefix: string, name: string): string {
   return prefix === "" ? name : `${prefix}.${name}`;
 }
 
+/**
+ * Rules decoded once per descriptor: `getOption` parses the options' extension bytes on every
+ * call, which made validation a visible per-message cost (every chunk of a client stream).
+ */
+const fieldRules = new WeakMap<DescField, FieldRules | null>();
+const requiredOneofs = new WeakMap<DescOneof, boolean>();
+
+function rulesOf(field: DescField): FieldRules | undefined {
+  let rules = fieldRules.get(field);
+  if (rules === undefined) {
+    rules = hasOption(field, validate.field) ? getOption(field, validate.field) : null;
+    fieldRules.set(field, rules);
+  }
+  return rules ?? undefined;
+}
+
+function oneofRequired(oneof: DescOneof): boolean {
+  let required = requiredOneofs.get(oneof);
+  if (required === undefined) {
+    required = hasOption(oneof, validate.oneof) && getOption(oneof, validate.oneof).required;
+    requiredOneofs.set(oneof, required);
+  }
+  return required;
+}
+
 function checkMessage(msg: ReflectMessage, path: string, out: Violation[], depth: number): void {
   if (depth > MAX_DEPTH) return;
   for (const oneof of msg.oneofs) {
-    if (
-      hasOption(oneof, validate.oneof) &&
-      getOption(oneof, validate.oneof).required &&
-      !msg.oneofCase(oneof)
-    ) {
+    if (oneofRequired(oneof) && !msg.oneofCase(oneof)) {
       const names = oneof.fields.map((f) => f.name).join(", ");
       out.push({ field: join(path, oneof.name), message: `one of ${names} is required` });
     }
   }
   for (const field of msg.fields) {
-    const rules = hasOption(field, validate.field) ? getOption(field, validate.field) : undefined;
-    const fieldPath = join(path, field.name);
+    const rules = rulesOf(field);
     if (rules?.ignore) continue;
-    checkField(msg, field, rules, fieldPath, out, depth);
+    checkField(msg, field, rules, join(path, field.name), out, depth);
   }
 }
 
@@ -153,7 +180,7 @@ function checkScalarOrString(value: unknown, rules: FieldRules, path: string, ou
     if (rules.maxLen !== undefined && len > rules.maxLen)
       out.push({ field: path, message: `must be at most ${rules.maxLen} ${unit}` });
     if (typeof value === "string" && value !== "") {
-      if (rules.pattern !== undefined && !new RegExp(`^(?:${rules.pattern})$`).test(value))
+      if (rules.pattern !== undefined && !patternOf(rules.pattern).test(value))
         out.push({ field: path, message: `must match ${rules.pattern}` });
       if (rules.format !== validate.Format.UNSPECIFIED) {
         const f = FORMATS[rules.format as keyof typeof FORMATS];
@@ -173,6 +200,18 @@ function checkScalarOrString(value: unknown, rules: FieldRules, path: string, ou
     if (rules.lte !== undefined && n > rules.lte)
       out.push({ field: path, message: `must be <= ${rules.lte}` });
   }
+}
+
+/** Patterns come from the .proto files, so this cache is bounded by the rules declared. */
+const patterns = new Map<string, RegExp>();
+
+function patternOf(pattern: string): RegExp {
+  let re = patterns.get(pattern);
+  if (!re) {
+    re = new RegExp(`^(?:${pattern})$`);
+    patterns.set(pattern, re);
+  }
+  return re;
 }
 
 function clip(s: string): string {
