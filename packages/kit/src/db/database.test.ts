@@ -1,8 +1,9 @@
 import path from "node:path";
+import SQLite from "better-sqlite3";
 import { type Kysely, sql } from "kysely";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { createTestPostgres, tempDir } from "../testing/index.js";
-import { type Database, openDatabase, redactUrl } from "./database.js";
+import { type Database, openDatabase, redactUrl, withStatementCache } from "./database.js";
 import { type Migrations, migrate } from "./migrate.js";
 
 interface Schema {
@@ -159,5 +160,58 @@ describe("openDatabase", () => {
     });
     await expect(database.ping()).rejects.toThrow(/ECONNREFUSED/);
     await database.close();
+  });
+});
+
+describe("withStatementCache", () => {
+  it("reuses prepared statements, hands out a fresh one while the cached one iterates, and stays bounded", () => {
+    const sqlite = new SQLite(":memory:");
+    const cached = withStatementCache(sqlite, 2);
+    sqlite.exec("create table t (n integer); insert into t values (1), (2), (3)");
+    const select = "select n from t order by n";
+    const first = cached.prepare(select);
+    expect(cached.prepare(select)).toBe(first);
+    expect(first.all()).toEqual([{ n: 1 }, { n: 2 }, { n: 3 }]);
+
+    // A streamed query keeps its statement busy: a second use may not share it.
+    const it = first.iterate();
+    expect(it.next().value).toEqual({ n: 1 });
+    const other = cached.prepare(select);
+    expect(other).not.toBe(first);
+    expect(other.all()).toHaveLength(3);
+    it.return?.();
+    expect(cached.prepare(select)).toBe(first);
+
+    // Least recently used out: with room for two, a third text evicts the oldest.
+    cached.prepare("select 1");
+    cached.prepare("select 2");
+    expect(cached.prepare(select)).not.toBe(first);
+    cached.close();
+    expect(sqlite.open).toBe(false);
+  });
+
+  it("runs Kysely queries and transactions through cached statements", async () => {
+    const dir = tempDir();
+    const database = openDatabase<Schema>({ url: "", defaultSqlitePath: path.join(dir.path, "t.sqlite") });
+    try {
+      await migrate(database.db as Kysely<unknown>, "cache_test", migrations);
+      for (let i = 0; i < 3; i++) {
+        await database.db.transaction().execute(async (tx) => {
+          await tx
+            .insertInto("widgets")
+            .values({ id: `w${i}`, tenant_id: "acme", size_bytes: i, created_at: "now" })
+            .execute();
+        });
+      }
+      const rows = await database.db.selectFrom("widgets").select("id").orderBy("id").execute();
+      expect(rows.map((r) => r.id)).toEqual(["w0", "w1", "w2"]);
+      const streamed: string[] = [];
+      for await (const r of database.db.selectFrom("widgets").select("id").orderBy("id").stream())
+        streamed.push(r.id);
+      expect(streamed).toEqual(["w0", "w1", "w2"]);
+    } finally {
+      await database.close();
+      dir.remove();
+    }
   });
 });

@@ -68,8 +68,43 @@ export function openDatabase<DB>(opts: DatabaseOptions): Database<DB> {
   sqlite.pragma("synchronous = NORMAL");
   sqlite.pragma("busy_timeout = 5000");
   sqlite.pragma("foreign_keys = ON");
-  const db = new Kysely<DB>({ dialect: new SqliteDialect({ database: sqlite }) });
+  const db = new Kysely<DB>({ dialect: new SqliteDialect({ database: withStatementCache(sqlite) }) });
   return makeDatabase(db, "sqlite", file);
+}
+
+/** Distinct SQL texts kept prepared; `IN (?, …)` lists of many lengths make the set open-ended. */
+const STATEMENT_CACHE_SIZE = 256;
+
+/**
+ * Kysely's SQLite driver prepares every query anew, and compiling SQL was a visible share of a
+ * short RPC. This keeps the most recently used statements prepared (least recently used out).
+ * A statement still being iterated (a streamed query) is busy: the caller gets a fresh one.
+ */
+export function withStatementCache(
+  sqlite: SQLite.Database,
+  max = STATEMENT_CACHE_SIZE,
+): Pick<SQLite.Database, "prepare" | "close"> {
+  const cache = new Map<string, SQLite.Statement>();
+  return {
+    prepare(source: string) {
+      const cached = cache.get(source);
+      if (cached && !cached.busy) {
+        cache.delete(source);
+        cache.set(source, cached);
+        return cached;
+      }
+      const stmt = sqlite.prepare(source);
+      if (!cached) {
+        cache.set(source, stmt);
+        if (cache.size > max) cache.delete(cache.keys().next().value!);
+      }
+      return stmt;
+    },
+    close() {
+      cache.clear();
+      return sqlite.close();
+    },
+  } as Pick<SQLite.Database, "prepare" | "close">;
 }
 
 function makeDatabase<DB>(db: Kysely<DB>, dialect: DialectName, location: string): Database<DB> {
