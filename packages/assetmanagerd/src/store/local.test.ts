@@ -5,27 +5,32 @@ import { describe, expect, it } from "vitest";
 import { blobStoreSuite, sha256 } from "./blob-store.suite.js";
 import { createLocalBlobStore } from "./local.js";
 
-blobStoreSuite("local", async () => {
-  const dir = tempDir("kiln-blobs-");
-  const root = path.join(dir.path, "assets");
-  const ingestDir = path.join(root, "ingest");
-  const store = createLocalBlobStore({ root });
-  return {
-    store,
-    reopen: async () => createLocalBlobStore({ root }),
-    async plantLeftover(ref, bytes) {
-      fs.mkdirSync(ingestDir, { recursive: true });
-      fs.writeFileSync(path.join(ingestDir, ref), bytes);
-    },
-    async leftovers() {
-      return fs.existsSync(ingestDir) ? fs.readdirSync(ingestDir) : [];
-    },
-    async teardown() {
-      await store.close();
-      dir.remove();
-    },
-  };
-});
+for (const [name, directIo] of [
+  ["local", true],
+  ["local, through the page cache", false],
+] as const) {
+  blobStoreSuite(name, async () => {
+    const dir = tempDir("kiln-blobs-");
+    const root = path.join(dir.path, "assets");
+    const ingestDir = path.join(root, "ingest");
+    const store = createLocalBlobStore({ root, directIo });
+    return {
+      store,
+      reopen: async () => createLocalBlobStore({ root, directIo }),
+      async plantLeftover(ref, bytes) {
+        fs.mkdirSync(ingestDir, { recursive: true });
+        fs.writeFileSync(path.join(ingestDir, ref), bytes);
+      },
+      async leftovers() {
+        return fs.existsSync(ingestDir) ? fs.readdirSync(ingestDir) : [];
+      },
+      async teardown() {
+        await store.close();
+        dir.remove();
+      },
+    };
+  });
+}
 
 describe("local blob store layout", () => {
   it("keeps committed blobs read-only at sha256/ab/<hex>", async () => {

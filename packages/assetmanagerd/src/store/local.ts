@@ -15,6 +15,7 @@ import {
   IngestInUseError,
   verifyExpected,
 } from "./blob-store.js";
+import { adoptedFile, createStagingPool, type IngestFile, openIngestFile } from "./ingest-file.js";
 
 /**
  * Blobs as files under `root` (`<data dir>/assets`):
@@ -24,10 +25,17 @@ import {
  *   ingest/<ref>      writes in progress, hashed as they stream
  *
  * Commit: fsync the ingest file, verify, chmod 0444, link it to its digest path (EEXIST: the
- * content is already stored), fsync that directory, unlink the ingest.
+ * content is already stored), fsync that directory, unlink the ingest. How the bytes reach the
+ * ingest file (staged, past the page cache where possible): ingest-file.ts.
  */
-export function createLocalBlobStore(opts: { root: string; log?: Logger }): BlobStore {
+export function createLocalBlobStore(opts: {
+  root: string;
+  log?: Logger;
+  /** Write ingests past the page cache where the filesystem can (default true). */
+  directIo?: boolean;
+}): BlobStore {
   const root = path.resolve(opts.root);
+  const staging = createStagingPool();
   const blobsDir = path.join(root, "sha256");
   const ingestDir = path.join(root, "ingest");
   const active = new Set<string>();
@@ -69,10 +77,10 @@ export function createLocalBlobStore(opts: { root: string; log?: Logger }): Blob
       try {
         await fsp.mkdir(ingestDir, { recursive: true });
         const file = path.join(ingestDir, ref);
-        // "w" truncates a stale leftover of the same ref: an ingest is not resumable through
+        // Truncates a stale leftover of the same ref: an ingest is not resumable through
         // UploadAsset (the stream carries no offsets), so starting over is the only option.
-        const handle = await fsp.open(file, "w", 0o600);
-        return localWriter({ ref, file, handle, blobPath, log: opts.log, done: () => active.delete(ref) });
+        const sink = await openIngestFile(file, { pool: staging, direct: opts.directIo ?? true });
+        return localWriter({ ref, file, sink, blobPath, log: opts.log, done: () => active.delete(ref) });
       } catch (err) {
         active.delete(ref);
         throw err;
@@ -96,16 +104,8 @@ export function createLocalBlobStore(opts: { root: string; log?: Logger }): Blob
           }
           throw err;
         }
-        const handle = await fsp.open(file, "r");
-        return localWriter({
-          ref,
-          file,
-          handle,
-          blobPath,
-          log: opts.log,
-          done: () => active.delete(ref),
-          adopted: true,
-        });
+        const sink = adoptedFile(await fsp.open(file, "r"));
+        return localWriter({ ref, file, sink, blobPath, log: opts.log, done: () => active.delete(ref) });
       } catch (err) {
         active.delete(ref);
         throw err;
@@ -157,31 +157,17 @@ export function createLocalBlobStore(opts: { root: string; log?: Logger }): Blob
 function localWriter(w: {
   ref: string;
   file: string;
-  handle: fsp.FileHandle;
+  sink: IngestFile;
   blobPath: (digest: string) => string;
   log: Logger | undefined;
   done: () => void;
-  /** The ingest file already holds the bytes (adopt): `write` only hashes. */
-  adopted?: boolean;
 }): BlobWriter {
   const hash: Hash = createHash("sha256");
   let size = 0;
   let finished = false;
-  let closed = false;
-  // Writes go out at explicit offsets, a few at a time, so the next chunk arrives and is hashed
-  // while the previous ones are still being written.
-  const inflight = new Set<Promise<void>>();
-  let failure: unknown;
-  const settle = () => Promise.allSettled([...inflight]);
-  const close = async () => {
-    if (closed) return;
-    closed = true;
-    await w.handle.close();
-  };
   const discard = async () => {
     finished = true;
-    await settle();
-    await close().catch(() => {});
+    await w.sink.close().catch(() => {});
     await fsp.rm(w.file, { force: true });
     w.done();
   };
@@ -192,31 +178,17 @@ function localWriter(w: {
     },
     async write(chunk) {
       if (finished) throw new Error(`ingest ${w.ref} is finished`);
-      if (failure) throw failure;
-      const at = size;
       size += chunk.byteLength;
-      if (w.adopted) {
-        hash.update(chunk);
-        return;
-      }
-      const written: Promise<void> = writeAllAt(w.handle, chunk, at).catch((err: unknown) => {
-        failure ??= err;
-      });
-      const tracked = written.finally(() => inflight.delete(tracked));
-      inflight.add(tracked);
       hash.update(chunk);
-      while (inflight.size >= MAX_INFLIGHT_WRITES) await Promise.race(inflight);
-      if (failure) throw failure;
+      await w.sink.write(chunk);
     },
     digest: () => `sha256:${hash.copy().digest("hex")}`,
     async commit(expected): Promise<CommitResult> {
       if (finished) throw new Error(`ingest ${w.ref} is finished`);
       finished = true;
       try {
-        await settle();
-        if (failure) throw failure;
-        await w.handle.sync();
-        await close();
+        await w.sink.finish();
+        await w.sink.close();
         const digest = `sha256:${hash.digest("hex")}`;
         verifyExpected({ digest, size }, expected);
         const target = w.blobPath(digest);
@@ -238,7 +210,7 @@ function localWriter(w: {
         }
         return { digest, size, created };
       } finally {
-        await close().catch(() => {});
+        await w.sink.close().catch(() => {});
         await fsp.rm(w.file, { force: true }).catch(() => {});
         w.done();
       }
@@ -248,16 +220,6 @@ function localWriter(w: {
       await discard();
     },
   };
-}
-
-const MAX_INFLIGHT_WRITES = 4;
-
-async function writeAllAt(handle: fsp.FileHandle, chunk: Uint8Array, position: number): Promise<void> {
-  let offset = 0;
-  while (offset < chunk.byteLength) {
-    const { bytesWritten } = await handle.write(chunk, offset, chunk.byteLength - offset, position + offset);
-    offset += bytesWritten;
-  }
 }
 
 export async function fsyncDir(dir: string): Promise<void> {
