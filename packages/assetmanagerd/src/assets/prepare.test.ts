@@ -49,6 +49,13 @@ describe("resolveVmTarget", () => {
     expect(fs.statSync(target).isDirectory()).toBe(true);
   });
 
+  it("creates the VM root again when it was removed after first use", async () => {
+    await resolveVmTarget(vmRoot, "vm_1");
+    fs.rmSync(vmRoot, { recursive: true });
+    const target = await resolveVmTarget(vmRoot, "vm_2/root");
+    expect(fs.statSync(target).isDirectory()).toBe(true);
+  });
+
   it("refuses '..', '.', absolute and empty segments", async () => {
     for (const bad of ["../escape", "a/../../b", "/etc", "a//b", "./a", "a/.", ""]) {
       await expect(resolveVmTarget(vmRoot, bad), bad).rejects.toBeInstanceOf(InvalidArgumentError);

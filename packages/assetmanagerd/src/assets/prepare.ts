@@ -47,13 +47,13 @@ export function targetSegments(targetPath: string): string[] {
 }
 
 /** Real paths of VM roots, created on first use (they are fixed for a process's life). */
-const realRoots = new Map<string, Promise<string>>();
+const realRoots = new Map<string, string>();
 
-function realRoot(vmRoot: string): Promise<string> {
-  let root = realRoots.get(vmRoot);
-  if (!root) {
-    root = fsp.mkdir(vmRoot, { recursive: true }).then(() => fsp.realpath(vmRoot));
-    root.catch(() => realRoots.delete(vmRoot));
+function realRoot(vmRoot: string, again = false): string {
+  let root = again ? undefined : realRoots.get(vmRoot);
+  if (root === undefined) {
+    fs.mkdirSync(vmRoot, { recursive: true });
+    root = fs.realpathSync.native(vmRoot);
     realRoots.set(vmRoot, root);
   }
   return root;
@@ -62,28 +62,35 @@ function realRoot(vmRoot: string): Promise<string> {
 /**
  * Resolves `<vmRoot>/<targetPath>`, creating missing directories, and refuses a path that passes
  * through a symlink or a non-directory, or that resolves outside the VM root.
+ *
+ * The walk and the hard links of `placeFiles` use synchronous calls: they are metadata-only
+ * syscalls on a local directory, microseconds each, while each asynchronous one cost a round
+ * trip through the thread pool — most of a PrepareAssets call's latency. Copies and downloads,
+ * which move bytes, stay asynchronous.
  */
 export async function resolveVmTarget(vmRoot: string, targetPath: string): Promise<string> {
   const segs = targetSegments(targetPath);
-  let root = await realRoot(vmRoot);
   try {
-    await fsp.access(root);
-  } catch {
-    realRoots.delete(vmRoot); // removed under us: create it again
-    root = await realRoot(vmRoot);
+    return walkTarget(realRoot(vmRoot), segs, targetPath);
+  } catch (err) {
+    if (!isErrno(err, "ENOENT")) throw err;
+    return walkTarget(realRoot(vmRoot, true), segs, targetPath); // root removed under us: again
   }
+}
+
+function walkTarget(root: string, segs: readonly string[], targetPath: string): string {
   let cur = root;
   for (const seg of segs) {
     cur = path.join(cur, seg);
     // mkdir(2) never follows a symlink in the last component: success means a new, real
     // directory; EEXIST means something is there already, and lstat says what.
     try {
-      await fsp.mkdir(cur, { mode: 0o755 });
+      fs.mkdirSync(cur, 0o755);
       continue;
     } catch (err) {
       if (!isErrno(err, "EEXIST")) throw err;
     }
-    const st = await fsp.lstat(cur);
+    const st = fs.lstatSync(cur);
     const rel = path.relative(root, cur);
     if (st.isSymbolicLink())
       throw new UnsafePathError("target_path", targetPath, `passes through the symlink ${rel}`);
@@ -91,7 +98,7 @@ export async function resolveVmTarget(vmRoot: string, targetPath: string): Promi
       throw new UnsafePathError("target_path", targetPath, `passes through ${rel}, which is not a directory`);
   }
   // Belt and braces against a component swapped for a symlink while we walked.
-  const real = await fsp.realpath(cur);
+  const real = fs.realpathSync.native(cur);
   if (real !== path.join(root, ...segs)) {
     throw new UnsafePathError("target_path", targetPath, "resolves outside the VM root");
   }
@@ -173,7 +180,7 @@ async function stage(dir: string, item: PlacementItem, tag: string): Promise<Sta
   const temp = path.join(dir, `.kiln-prepare-${tag}-${item.fileName}`);
   if (item.localPath) {
     try {
-      await fsp.link(item.localPath, final);
+      fs.linkSync(item.localPath, final); // synchronous: see resolveVmTarget
       return { item, final, method: "hardlink", created: true };
     } catch (err) {
       if (isErrno(err, "EEXIST")) {

@@ -674,8 +674,8 @@ export function createAssetRegistry(deps: RegistryDeps) {
     const now = clock();
     await store.transaction(async (tx) => {
       await tx.touchAssets(ids, now);
-      for (const p of placed) {
-        await tx.insertPlacement({
+      await tx.insertPlacements(
+        placed.map((p) => ({
           id: newId("plc"),
           tenant_id: tenant.tenantId,
           asset_id: p.assetId,
@@ -683,8 +683,8 @@ export function createAssetRegistry(deps: RegistryDeps) {
           prepared_for: preparedFor,
           method: p.method,
           created_at: now,
-        });
-      }
+        })),
+      );
     });
     log.info(
       {

@@ -118,7 +118,7 @@ export interface AssetStore {
   /** Leases past expiry (of one tenant, or all when undefined). */
   expiredLeases(tenantId: string | undefined, now: number): Promise<LeaseRow[]>;
 
-  insertPlacement(row: AssetDb["placements"]): Promise<void>;
+  insertPlacements(rows: readonly AssetDb["placements"][]): Promise<void>;
 
   /** Metrics: AVAILABLE assets per type, stored blob bytes, active leases. */
   assetCountsByType(): Promise<Array<{ type: string; count: number }>>;
@@ -430,8 +430,12 @@ function bind(
       return qb.execute();
     },
 
-    async insertPlacement(row) {
-      await q.insertInto("placements").values(row).execute();
+    async insertPlacements(rows) {
+      if (rows.length === 0) return;
+      await q
+        .insertInto("placements")
+        .values([...rows])
+        .execute();
     },
 
     async assetCountsByType() {
