@@ -21,6 +21,7 @@ import { buildPaths } from "./paths.js";
 import { type BuildOutput, type BuildSpec, runPipeline } from "./pipeline.js";
 import { ACTIVE, type BuildState, isTerminal, predecessors } from "./states.js";
 import type { BuildRow, BuildStore } from "./store.js";
+import { createThrottle } from "./throttle.js";
 
 export interface BuildSettings {
   /** Builds running at once on this builderd (all tenants); more wait as PENDING. */
@@ -89,6 +90,8 @@ interface Queued {
 }
 
 const DAY_MS = 86_400_000;
+/** Live progress to followers: a few updates a second, not one per network chunk. */
+const PROGRESS_EVERY_MS = 100;
 
 /**
  * Builds' lifecycle: admission (tenant quotas), a bounded queue, running the pipeline with a
@@ -182,9 +185,12 @@ export function createBuildManager(deps: BuildManagerDeps) {
       step: "",
     };
     let lastSaved = 0;
+    const sendProgress = createThrottle(PROGRESS_EVERY_MS, () =>
+      events.emit(buildId, { kind: "progress", progress: { ...progress } }),
+    );
     const saveProgress = (force = false) => {
       progress.percent = percentOf(progress);
-      events.emit(buildId, { kind: "progress", progress: { ...progress } });
+      sendProgress.call(force);
       const now = Date.now();
       if (!force && now - lastSaved < 500) return;
       lastSaved = now;
@@ -307,6 +313,7 @@ export function createBuildManager(deps: BuildManagerDeps) {
       finished("failed", started);
     } finally {
       clearTimeout(timer);
+      sendProgress.cancel();
     }
   }
 
