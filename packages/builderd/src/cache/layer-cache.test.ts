@@ -6,7 +6,7 @@ import { afterEach, describe, expect, it } from "vitest";
 import { DigestMismatchError } from "../sources/errors.js";
 import type { LayerInfo } from "../sources/source.js";
 import { sha256 } from "../testing/oci-layout.js";
-import { createLayerCache } from "./layer-cache.js";
+import { createLayerCache, type GrowingFile } from "./layer-cache.js";
 
 const blob = Buffer.alloc(300_000, 3);
 const layer: LayerInfo = {
@@ -87,6 +87,49 @@ describe("layer cache", () => {
     expect(new Set(files).size).toBe(1);
     expect(progress[0]).toBe(blob.length);
     expect(progress[2]).toBeGreaterThan(0);
+  });
+
+  it("hands the temp file to a reader as it is written, readable through the rename", async () => {
+    const { cache } = fresh();
+    const big = Buffer.alloc(3 << 20, 5);
+    const bigLayer = { ...layer, digest: sha256(big), size: big.length };
+    const seen: number[] = [];
+    let grow: GrowingFile | undefined;
+    const file = await cache.ingest(
+      bigLayer,
+      async () => slowStream(big, 256 * 1024),
+      undefined,
+      (g) => {
+        grow = g;
+        g.watch((w) => seen.push(w));
+      },
+    );
+    expect(grow).toBeDefined();
+    const g = grow!;
+    expect(g.size).toBe(big.length);
+    expect(g.written).toBe(big.length);
+    // Writes were reported as they happened, growing, ending at the full size.
+    expect(seen.length).toBeGreaterThan(1);
+    expect([...seen].sort((a, b) => a - b)).toEqual(seen);
+    expect(seen.at(-1)).toBe(big.length);
+    // The descriptor still reads the (now committed) blob.
+    const back = Buffer.alloc(big.length);
+    expect(fs.readSync(g.fd, back, 0, back.length, 0)).toBe(big.length);
+    expect(back.equals(big)).toBe(true);
+    expect(fs.readFileSync(file).equals(big)).toBe(true);
+    g.close();
+    g.close(); // idempotent
+    // A blob already cached is not downloaded: nothing to follow.
+    let again = false;
+    await cache.ingest(
+      bigLayer,
+      async () => slowStream(big),
+      undefined,
+      () => {
+        again = true;
+      },
+    );
+    expect(again).toBe(false);
   });
 
   it("leaves nothing in the cache when the bytes do not match the digest", async () => {

@@ -1,32 +1,57 @@
 /**
- * Worker-thread side of the layer applier: applies one layer file at a time. Extraction uses
+ * Worker-thread side of the layer applier: applies one layer at a time. Extraction uses
  * synchronous file system calls (fast, but they block a thread), so it runs here, on its own
  * core, while the main thread keeps downloading the next layers.
  */
 import fs from "node:fs";
+import { Readable } from "node:stream";
 import { parentPort } from "node:worker_threads";
 import { KilnError } from "@kiln/kit";
 import { applyLayer } from "./apply-layer.js";
 import { decompressLayer } from "./decompress.js";
 
 export interface ApplyJob {
+  kind: "apply";
   id: number;
   rootfs: string;
-  file: string;
+  /** A complete layer file… */
+  file?: string;
+  /** …or one still being written: a descriptor (the process's, shared with this thread), the final size and what is written so far; "written" messages follow. */
+  growing?: { fd: number; size: number; written: number };
   compression: "gzip" | "zstd" | "none";
   maxBytes: number;
   usedBytes: number;
 }
 
+/** More of a growing layer file is on disk. */
+export interface WrittenUpdate {
+  kind: "written";
+  id: number;
+  written: number;
+}
+
+const READ_BYTES = 1 << 20;
+
 if (!parentPort) throw new Error("apply-worker must run in a worker thread");
 const port = parentPort;
+const followers = new Map<number, (written: number) => void>();
 
-port.on("message", async (job: ApplyJob) => {
+port.on("message", async (m: ApplyJob | WrittenUpdate) => {
+  if (m.kind === "written") {
+    followers.get(m.id)?.(m.written);
+    return;
+  }
+  const job = m;
   try {
-    const stream = decompressLayer(
-      fs.createReadStream(job.file, { highWaterMark: 1 << 20 }),
-      job.compression,
-    );
+    let source: Readable;
+    if (job.growing) {
+      const follow = followGrowing(job.growing.fd, job.growing.size, job.growing.written);
+      followers.set(job.id, follow.advance);
+      source = follow.stream;
+    } else {
+      source = fs.createReadStream(job.file!, { highWaterMark: READ_BYTES });
+    }
+    const stream = decompressLayer(source, job.compression);
     const result = await applyLayer(job.rootfs, stream, { maxBytes: job.maxBytes, usedBytes: job.usedBytes });
     port.postMessage({ id: job.id, result });
   } catch (err) {
@@ -35,5 +60,57 @@ port.on("message", async (job: ApplyJob) => {
       id: job.id,
       error: { name: e.name, message: e.message, code: err instanceof KilnError ? err.code : undefined },
     });
+  } finally {
+    followers.delete(job.id);
   }
 });
+
+/**
+ * The bytes of a file another thread is still writing, read up to what it reports written and
+ * ending at `size`. The writer's digest check comes later: the caller trusts the content only
+ * once the download is verified (until then a bad layer can only fail the build, as any
+ * hostile layer can).
+ */
+function followGrowing(fd: number, size: number, written: number) {
+  let pos = 0;
+  let available = written;
+  let starved = false;
+  const stream = new Readable({
+    highWaterMark: READ_BYTES,
+    read() {
+      pump();
+    },
+  });
+  function pump(): void {
+    starved = false;
+    while (pos < size) {
+      if (pos >= available) {
+        starved = true;
+        return;
+      }
+      const len = Math.min(READ_BYTES, available - pos);
+      const buf = Buffer.allocUnsafe(len);
+      let n: number;
+      try {
+        n = fs.readSync(fd, buf, 0, len, pos);
+      } catch (err) {
+        stream.destroy(err as Error);
+        return;
+      }
+      if (n === 0) {
+        stream.destroy(new Error(`layer file ended at ${pos} bytes, before the ${available} written`));
+        return;
+      }
+      pos += n;
+      if (!stream.push(n < len ? buf.subarray(0, n) : buf)) return;
+    }
+    stream.push(null);
+  }
+  return {
+    stream,
+    advance(n: number) {
+      available = n;
+      if (starved) pump();
+    },
+  };
+}

@@ -8,14 +8,16 @@ import {
   ResourceExhaustedError,
   UnimplementedError,
 } from "@kiln/kit";
+import type { GrowingFile } from "../cache/layer-cache.js";
 import type { ApplyLayerResult } from "./apply-layer.js";
-import type { ApplyJob } from "./apply-worker.js";
+import type { ApplyJob, WrittenUpdate } from "./apply-worker.js";
 
 /** Applies layer files in worker threads, so extraction and downloads use both cores. */
 export interface LayerApplier {
+  /** Applies a complete layer file, or one still downloading (read as it grows, up to its size). */
   apply(
     rootfs: string,
-    file: string,
+    file: string | GrowingFile,
     compression: ApplyJob["compression"],
     opts: { maxBytes: number; usedBytes: number; signal?: AbortSignal },
   ): Promise<ApplyLayerResult>;
@@ -56,16 +58,27 @@ export function createLayerApplier(): LayerApplier {
   return {
     apply(rootfs, file, compression, opts) {
       const worker = idle.pop() ?? spawn();
+      const id = nextId++;
       const job: ApplyJob = {
-        id: nextId++,
+        kind: "apply",
+        id,
         rootfs,
-        file,
+        ...(typeof file === "string"
+          ? { file }
+          : { growing: { fd: file.fd, size: file.size, written: file.written } }),
         compression,
         maxBytes: opts.maxBytes,
         usedBytes: opts.usedBytes,
       };
       return new Promise<ApplyLayerResult>((resolve, reject) => {
+        const unwatch =
+          typeof file === "string"
+            ? undefined
+            : file.watch((written) =>
+                worker.postMessage({ kind: "written", id, written } satisfies WrittenUpdate),
+              );
         const done = () => {
+          unwatch?.();
           worker.off("message", onMessage);
           worker.off("error", onError);
           worker.off("exit", onExit);
