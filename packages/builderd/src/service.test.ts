@@ -1,4 +1,5 @@
 import { execFile, spawn } from "node:child_process";
+import { randomBytes } from "node:crypto";
 import fs from "node:fs";
 import http from "node:http";
 import type net from "node:net";
@@ -144,9 +145,15 @@ describe("builderd", () => {
           ],
         },
       },
+      {
+        // Big enough to be extracted while it downloads (several cache writes).
+        tag: "corrupt",
+        image: { layers: [[{ type: "file", path: "noise", content: randomBytes(4 << 20) }]] },
+      },
     ]);
     await pushLayout(layout, "1", registry.host, "app");
     await pushLayout(layout, "evil", registry.host, "evil");
+    await pushLayout(layout, "corrupt", registry.host, "corrupt");
     gate = await gatedFront(registry.host);
     // builderd registers every rootfs with a real assetmanagerd, which imports it from
     // builderd's data dir (as under `kiln up`, where they share one).
@@ -305,6 +312,28 @@ describe("builderd", () => {
     expect(build.errorMessage).toContain("../../escape");
     expect(fs.existsSync(path.join(svc.dataDir, "tenants", "hostile", "escape"))).toBe(false);
     expect(fs.existsSync(path.join(svc.dataDir, "tenants", "hostile", "builds", build.buildId))).toBe(false);
+  });
+
+  it("fails an image whose layer blob is corrupt in the registry, though extraction followed the download", async () => {
+    const manifest = JSON.parse(
+      await (
+        await fetch(`http://${registry.host}/v2/corrupt/manifests/corrupt`, {
+          headers: { accept: "application/vnd.oci.image.manifest.v1+json" },
+        })
+      ).text(),
+    ) as { layers: Array<{ digest: string }> };
+    const digest = manifest.layers[0]!.digest;
+    const file = registry.blobPath(digest);
+    const bytes = fs.readFileSync(file);
+    // In the middle of the random (stored) data: the gzip stream itself stays well-formed.
+    bytes[bytes.length >> 1] = (bytes[bytes.length >> 1] ?? 0) ^ 0xff;
+    fs.writeFileSync(file, bytes);
+    const build = await waitEnd((await createBuild(image("corrupt:corrupt"), "corrupt")).buildId, "corrupt");
+    expect(build.state).toBe(S.FAILED);
+    expect(build.errorMessage).toContain(`layer digest mismatch: expected ${digest}`);
+    const tenant = path.join(svc.dataDir, "tenants", "corrupt");
+    expect(fs.existsSync(path.join(tenant, "builds", build.buildId))).toBe(false);
+    expect(fs.readdirSync(path.join(tenant, "cache", "blobs", "sha256"))).toEqual([]);
   });
 
   it("refuses a malformed image reference with invalid_argument", async () => {

@@ -2,7 +2,7 @@ import { createHash } from "node:crypto";
 import fsp from "node:fs/promises";
 import path from "node:path";
 import { type Logger, ResourceExhaustedError, type TenantLimits } from "@kiln/kit";
-import type { LayerCache } from "../cache/layer-cache.js";
+import type { GrowingFile, LayerCache } from "../cache/layer-cache.js";
 import type { LayerApplier } from "../extract/layer-applier.js";
 import { buildExt4 } from "../rootfs/ext4.js";
 import { injectInit } from "../rootfs/init.js";
@@ -147,6 +147,9 @@ export async function runPipeline(spec: BuildSpec, deps: PipelineDeps): Promise<
   signal.addEventListener("abort", abortDownloads, { once: true });
   const limit = semaphore(deps.layerConcurrency);
   const pullStarted = performance.now();
+  // A layer's temp file while it downloads, so extraction can follow the download instead of
+  // waiting for it (only for downloads this build started; a shared one is awaited whole).
+  const growing = image.layers.map(() => deferred<GrowingFile>());
   const fetchLayer = (layer: (typeof image.layers)[number], i: number) =>
     limit(async () => {
       if (await deps.cache.has(layer.digest)) {
@@ -167,15 +170,13 @@ export async function runPipeline(spec: BuildSpec, deps: PipelineDeps): Promise<
           bytesDownloaded += n;
           report.progress({ bytesDone });
         },
+        (g) => growing[i]!.resolve(g),
       );
       return file;
     });
-  // The first layer goes alone, so extraction can start as early as possible; the rest then
-  // download in parallel while earlier layers are applied.
-  const first = image.layers.length > 0 ? fetchLayer(image.layers[0]!, 0) : undefined;
-  const downloads = image.layers.map((layer, i) =>
-    i === 0 ? first! : first!.then(() => fetchLayer(layer, i)),
-  );
+  // Downloads start in order, at most layerConcurrency at once; extraction follows each layer's
+  // bytes as they arrive, in order.
+  const downloads = image.layers.map((layer, i) => fetchLayer(layer, i));
   // A failed download must not leave others running or an unhandled rejection behind.
   for (const d of downloads) d.catch(() => downloadAbort.abort());
   const allDownloaded = Promise.all(downloads).then(() => {
@@ -184,20 +185,52 @@ export async function runPipeline(spec: BuildSpec, deps: PipelineDeps): Promise<
   });
   allDownloaded.catch(() => {});
 
+  /**
+   * Applies one layer. A file still downloading is applied as it grows; the layer counts as
+   * applied only once its download is verified too — a digest mismatch fails the build (and
+   * stops the extraction), so no unverified content survives into a rootfs.
+   */
+  const applyLayer = async (
+    ready: string | GrowingFile,
+    verified: Promise<string>,
+    compression: (typeof image.layers)[number]["compression"],
+    usedBytes: number,
+  ) => {
+    const opts = { maxBytes: deps.limits.maxDiskBytes, usedBytes };
+    if (typeof ready === "string")
+      return deps.applier.apply(paths.rootfs, ready, compression, { ...opts, signal });
+    const stop = new AbortController();
+    const onAbort = () => stop.abort(signal.reason);
+    signal.addEventListener("abort", onAbort, { once: true });
+    try {
+      const applying = deps.applier.apply(paths.rootfs, ready, compression, { ...opts, signal: stop.signal });
+      // A failed download stops the extraction waiting for its bytes.
+      const downloaded = verified.catch((err) => {
+        stop.abort(err);
+        throw err;
+      });
+      // Both settle: a failed download stops the extraction at once, and a corrupt blob is
+      // reported as such even when the extractor tripped over its bytes first.
+      const [applied, download] = await Promise.allSettled([applying, downloaded]);
+      if (download.status === "rejected") throw download.reason;
+      if (applied.status === "rejected") throw applied.reason;
+      return applied.value;
+    } finally {
+      signal.removeEventListener("abort", onAbort);
+    }
+  };
+
   try {
     const tExtract = performance.now();
     await fsp.mkdir(paths.rootfs, { recursive: true, mode: 0o755 });
     let usedBytes = 0;
     for (let i = 0; i < image.layers.length; i++) {
       const layer = image.layers[i]!;
-      const file = await downloads[i]!;
+      // Whichever comes first: the verified file, or the file still downloading.
+      const ready = await Promise.race([downloads[i]!, growing[i]!.promise]);
       signal.throwIfAborted();
       await report.stage("extracting", `extracting layer ${i + 1}/${image.layers.length}`);
-      const result = await deps.applier.apply(paths.rootfs, file, layer.compression, {
-        maxBytes: deps.limits.maxDiskBytes,
-        usedBytes,
-        signal,
-      });
+      const result = await applyLayer(ready, downloads[i]!, layer.compression, usedBytes);
       usedBytes += result.bytesWritten;
       for (const s of result.skipped) report.log("warn", "extract", `skipped ${s.path}: ${s.reason}`);
       report.progress({ layersDone: i + 1 });
@@ -280,6 +313,7 @@ export async function runPipeline(spec: BuildSpec, deps: PipelineDeps): Promise<
   } finally {
     signal.removeEventListener("abort", abortDownloads);
     downloadAbort.abort();
+    for (const g of growing) g.settled?.close();
   }
 }
 
@@ -308,6 +342,21 @@ export function dedupeKeyOf(image: ResolvedImage, spec: BuildSpec): string {
 
 function short(digest: string): string {
   return digest.slice(0, 19);
+}
+
+/** A promise resolved from outside; `settled` keeps the value (to release it later). */
+function deferred<T>() {
+  let resolve!: (v: T) => void;
+  const d: { promise: Promise<T>; resolve: (v: T) => void; settled?: T } = {
+    promise: new Promise<T>((r) => {
+      resolve = r;
+    }),
+    resolve: (v) => {
+      d.settled = v;
+      resolve(v);
+    },
+  };
+  return d;
 }
 
 /** Runs at most `n` of the given tasks at once. */
