@@ -56,6 +56,12 @@ async function* fileChunks(file: string): AsyncGenerator<Uint8Array> {
   for await (const chunk of fs.createReadStream(file, { highWaterMark: 256 * 1024 })) yield chunk as Buffer;
 }
 
+/** CPU time (user + system, ms) a process used so far, from /proc (Linux's 100 Hz clock ticks). */
+function processCpuMs(pid: number): number {
+  const fields = fs.readFileSync(`/proc/${pid}/stat`, "utf8").split(") ")[1]!.split(" ");
+  return (Number(fields[11]) + Number(fields[12])) * 10;
+}
+
 function percentile(sorted: number[], p: number): number {
   return sorted[Math.min(sorted.length - 1, Math.ceil((p / 100) * sorted.length) - 1)]!;
 }
@@ -85,6 +91,10 @@ export async function run(args: string[]): Promise<void> {
     svc = await spawnAssetmanagerd({ dataDir, env: { UNKEY_ASSETMANAGERD_IMPORT_DIRS: work } });
     const client = assetClient(svc.baseUrl, { binary: true });
     const as = asTenant(svc.token, "bench", "enterprise");
+    // Client and service share the machine's cores: where the upload's CPU goes says which
+    // side bounds it.
+    const serviceCpu0 = processCpuMs(svc.pid);
+    const clientCpu0 = process.cpuUsage();
     const [uploadMs, uploaded] = await timed(async () => {
       async function* requests() {
         yield {
@@ -95,6 +105,9 @@ export async function run(args: string[]): Promise<void> {
       }
       return client.uploadAsset(requests(), as);
     });
+    const serviceCpuMs = processCpuMs(svc.pid) - serviceCpu0;
+    const clientCpu = process.cpuUsage(clientCpu0);
+    const clientCpuMs = (clientCpu.user + clientCpu.system) / 1000;
     if (Number(uploaded.asset?.sizeBytes) !== size)
       throw new Error(`uploaded ${uploaded.asset?.sizeBytes} bytes, expected ${size}`);
     // The same file imported from the host (builderd's path for a finished rootfs): on the
@@ -182,6 +195,9 @@ export async function run(args: string[]): Promise<void> {
     );
     out.write(
       `UploadAsset (hash+fsync)    ${uploadMs.toFixed(0).padStart(7)} ms  ${mbps(uploadMs).toFixed(1).padStart(7)} MB/s  ${ratio.toFixed(2)}× cp, ${(mbps(uploadMs) / mbps(cpMs + syncMs)).toFixed(2)}× cp+sync\n`,
+    );
+    out.write(
+      `  CPU during the upload: service ${(serviceCpuMs / 1000).toFixed(2)} s, this client ${(clientCpuMs / 1000).toFixed(2)} s (${os.cpus().length} CPUs)\n`,
     );
     out.write(
       `RegisterAsset (host file)   ${registerMs.toFixed(0).padStart(7)} ms  ${mbps(registerMs).toFixed(1).padStart(7)} MB/s  ${(mbps(registerMs) / mbps(cpMs)).toFixed(2)}× cp\n`,
