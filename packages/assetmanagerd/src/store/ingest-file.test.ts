@@ -77,6 +77,18 @@ describe("ingest file", () => {
     expect(again[0]).not.toBe(again[1]);
   });
 
+  it("hands its staging buffers back when the file cannot be created", async () => {
+    dir = tempDir("kiln-ingest-");
+    const given: Uint8Array[] = [];
+    const pool = createStagingPool();
+    const spy = { take: () => pool.take(), give: (b: Uint8Array) => given.push(b) };
+    const missing = path.join(dir.path, "no-such-dir", "ingest");
+    await expect(openIngestFile(missing, { pool: spy, direct: true })).rejects.toMatchObject({
+      code: "ENOENT",
+    });
+    expect(given).toHaveLength(2);
+  });
+
   it("writes through the page cache when no aligned buffer can be had", async () => {
     dir = tempDir("kiln-ingest-");
     const file = path.join(dir.path, "ingest");

@@ -86,14 +86,19 @@ export async function openIngestFile(
   let direct = opts.direct && aligned.every((b) => b !== undefined);
   const { O_WRONLY, O_CREAT, O_TRUNC, O_DIRECT } = fs.constants;
   let handle: fsp.FileHandle | undefined;
-  if (direct) {
-    handle = await fsp.open(file, O_WRONLY | O_CREAT | O_TRUNC | O_DIRECT, 0o600).catch((err: unknown) => {
-      if (errno(err) !== "EINVAL") throw err;
-      return undefined;
-    });
-    direct = handle !== undefined;
+  try {
+    if (direct) {
+      handle = await fsp.open(file, O_WRONLY | O_CREAT | O_TRUNC | O_DIRECT, 0o600).catch((err: unknown) => {
+        if (errno(err) !== "EINVAL") throw err;
+        return undefined;
+      });
+      direct = handle !== undefined;
+    }
+    handle ??= await fsp.open(file, "w", 0o600);
+  } catch (err) {
+    for (const b of aligned) if (b) pool.give(b);
+    throw err;
   }
-  handle ??= await fsp.open(file, "w", 0o600);
 
   let fh: fsp.FileHandle = handle;
   let cur = 0;
