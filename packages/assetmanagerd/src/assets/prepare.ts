@@ -64,9 +64,10 @@ function realRoot(vmRoot: string, again = false): string {
  * through a symlink or a non-directory, or that resolves outside the VM root.
  *
  * The walk and the hard links of `placeFiles` use synchronous calls: they are metadata-only
- * syscalls on a local directory, microseconds each, while each asynchronous one cost a round
- * trip through the thread pool — most of a PrepareAssets call's latency. Copies and downloads,
- * which move bytes, stay asynchronous.
+ * syscalls on a local directory, well under a millisecond each, and the thread pool round trip
+ * each asynchronous one added dominated the placement's latency (p50 0.7 → 0.2 ms, p99 4 → 1 ms
+ * for a new two-level target and two links). Copies and downloads, which move bytes, stay
+ * asynchronous.
  */
 export async function resolveVmTarget(vmRoot: string, targetPath: string): Promise<string> {
   const segs = targetSegments(targetPath);
