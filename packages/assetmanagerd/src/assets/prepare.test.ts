@@ -150,6 +150,23 @@ describe("placeFiles", () => {
     expect(fs.readdirSync(target)).toEqual([]);
   });
 
+  it("undoes the placement when recording it fails, keeping a file that was there before", async () => {
+    const kernel = blob(Buffer.from("kernel"), "k");
+    const rootfs = blob(Buffer.from("rootfs"), "r");
+    const target = await resolveVmTarget(vmRoot, "vm_7");
+    await placeFiles(target, [item("ast_k", "vmlinux", kernel)]);
+    await expect(
+      placeFiles(
+        target,
+        [item("ast_k", "vmlinux", kernel), item("ast_r", "rootfs.ext4", rootfs)],
+        async () => {
+          throw new Error("database is locked");
+        },
+      ),
+    ).rejects.toThrow(/database is locked/);
+    expect(fs.readdirSync(target)).toEqual(["vmlinux"]);
+  });
+
   it("refuses two assets that would get the same name", async () => {
     const a = blob(Buffer.from("a"), "a");
     const b = blob(Buffer.from("b"), "b");

@@ -138,9 +138,14 @@ interface Staged {
  * Places every item into `dir` under its file name, all or nothing. The common case — a new
  * VM directory on the store's filesystem — is one link(2) per file straight to its final name
  * (atomic: the name appears with the complete content). Replacing an existing file, copying and
- * downloading go through a temporary name and a rename.
+ * downloading go through a temporary name and a rename. `commit` (recording the placement) runs
+ * once every file is in place; when it fails, the placement is undone like any other failure.
  */
-export async function placeFiles(dir: string, items: readonly PlacementItem[]): Promise<Placed[]> {
+export async function placeFiles(
+  dir: string,
+  items: readonly PlacementItem[],
+  commit: (placed: Placed[]) => Promise<void> = async () => {},
+): Promise<Placed[]> {
   const names = new Map<string, string>();
   for (const item of items) {
     const other = names.get(item.fileName);
@@ -165,7 +170,9 @@ export async function placeFiles(dir: string, items: readonly PlacementItem[]): 
       await fsp.rename(s.temp, s.final);
       renamed.push(s.final);
     }
-    return staged.map((s) => ({ assetId: s.item.assetId, path: s.final, method: s.method }));
+    const placed = staged.map((s) => ({ assetId: s.item.assetId, path: s.final, method: s.method }));
+    await commit(placed);
+    return placed;
   } catch (err) {
     for (const s of staged) {
       if (s.temp) await fsp.rm(s.temp, { force: true }).catch(() => {});

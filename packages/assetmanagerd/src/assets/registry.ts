@@ -670,22 +670,24 @@ export function createAssetRegistry(deps: RegistryDeps) {
           open: () => blobs.openRead(digest),
         };
       }),
+      async (placed) => {
+        const now = clock();
+        await store.transaction(async (tx) => {
+          await tx.touchAssets(ids, now);
+          await tx.insertPlacements(
+            placed.map((p) => ({
+              id: newId("plc"),
+              tenant_id: tenant.tenantId,
+              asset_id: p.assetId,
+              path: p.path,
+              prepared_for: preparedFor,
+              method: p.method,
+              created_at: now,
+            })),
+          );
+        });
+      },
     );
-    const now = clock();
-    await store.transaction(async (tx) => {
-      await tx.touchAssets(ids, now);
-      await tx.insertPlacements(
-        placed.map((p) => ({
-          id: newId("plc"),
-          tenant_id: tenant.tenantId,
-          asset_id: p.assetId,
-          path: p.path,
-          prepared_for: preparedFor,
-          method: p.method,
-          created_at: now,
-        })),
-      );
-    });
     log.info(
       {
         tenant_id: tenant.tenantId,
