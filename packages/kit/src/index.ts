@@ -17,6 +17,7 @@ export * from "./server/health.js";
 export * from "./server/http-server.js";
 export type { ExternalAuthenticator } from "./server/interceptors/auth.js";
 export * from "./service.js";
+export * from "./settle.js";
 export * from "./tracing.js";
 export * from "./transport.js";
 export * from "./unimplemented.js";

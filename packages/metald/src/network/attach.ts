@@ -1,6 +1,7 @@
+import { settleAll } from "@kiln/kit";
 import { netnsPath } from "./command.js";
 import { macAddress, vmNetworkNames } from "./names.js";
-import { type AttachMode, createVmNamespace, deleteVmNamespace } from "./netns.js";
+import { type AttachMode, createVmNamespace, deleteVmNamespace, vmNamespaceExists } from "./netns.js";
 import type { AddressPool } from "./pool.js";
 import type { Router } from "./router.js";
 
@@ -113,13 +114,13 @@ export function createNetworkAttacher(deps: NetworkAttacherDeps): NetworkAttache
 
   async function wire(vm: AttachVm, network: VmNetwork): Promise<void> {
     const names = namesOf(vm.vmId);
-    const { fresh } = await createVmNamespace(router, {
-      names,
-      guestIp: network.guestIp,
-      macAddress: network.macAddress,
-      mode: network.mode,
-    });
-    // A new namespace has a new router interface, which no rule can name yet.
-    await router.egress().setAllowed(names.hostVeth, vm.egressAllowed, { fresh });
+    const fresh = !(await vmNamespaceExists(names));
+    const spec = { names, guestIp: network.guestIp, macAddress: network.macAddress, mode: network.mode };
+    // A new namespace gets a new router interface, which no rule names yet: its rule is added
+    // while the namespace is made (iptables matches interfaces by name, present or not).
+    await settleAll([
+      createVmNamespace(router, spec, { fresh }),
+      router.egress().setAllowed(names.hostVeth, vm.egressAllowed, { fresh }),
+    ]);
   }
 }

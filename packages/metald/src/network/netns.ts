@@ -27,18 +27,26 @@ export interface VmNamespaceSpec {
   mode: AttachMode;
 }
 
-/**
- * Creates the VM's namespace, or repairs a half-made one. Returns whether it was new: a new
- * namespace is made in three `ip` processes (each costs ~5 ms and CreateVm waits for them), an
- * existing one is checked and repaired step by step.
- */
-export async function createVmNamespace(router: Router, spec: VmNamespaceSpec): Promise<{ fresh: boolean }> {
-  const vm = spec.names.netns;
-  const exists = await fs.access(netnsPath(vm)).then(
+/** Whether the VM's namespace exists (pinned under /var/run/netns); starts no process. */
+export async function vmNamespaceExists(names: VmNetworkNames): Promise<boolean> {
+  return fs.access(netnsPath(names.netns)).then(
     () => true,
     () => false,
   );
-  if (exists) {
+}
+
+/**
+ * Creates the VM's namespace (`fresh`: it does not exist yet, see vmNamespaceExists), or repairs
+ * a half-made one. A new namespace is made in three `ip` processes (each costs ~5 ms and CreateVm
+ * waits for them); an existing one is checked and repaired step by step.
+ */
+export async function createVmNamespace(
+  router: Router,
+  spec: VmNamespaceSpec,
+  { fresh }: { fresh: boolean },
+): Promise<void> {
+  const vm = spec.names.netns;
+  if (!fresh) {
     await repairVmNamespace(router, spec);
   } else {
     await ip(undefined, ["netns", "add", vm], { tolerate: EXISTS });
@@ -62,7 +70,6 @@ export async function createVmNamespace(router: Router, spec: VmNamespaceSpec): 
     ]);
   }
   await ipBatch(router.name, routerSide(router, spec));
-  return { fresh: !exists };
 }
 
 async function repairVmNamespace(router: Router, spec: VmNamespaceSpec): Promise<void> {

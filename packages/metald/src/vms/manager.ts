@@ -8,6 +8,7 @@ import {
   NotFoundError,
   newId,
   ResourceExhaustedError,
+  settleAll,
   type TenantContext,
   UnavailableError,
 } from "@kiln/kit";
@@ -108,21 +109,6 @@ export class VmNotFoundError extends NotFoundError {
   ) {
     super(`VM ${vmId} not found`);
   }
-}
-
-/**
- * Like Promise.all, but waits for every promise to settle before throwing the first failure, so
- * a cleanup that follows never races work still under way.
- */
-async function settled<T extends readonly unknown[]>(
-  promises: T,
-): Promise<{ -readonly [K in keyof T]: Awaited<T[K]> }> {
-  const results = await Promise.allSettled(promises);
-  const failed = results.find((r) => r.status === "rejected");
-  if (failed) throw failed.reason;
-  return results.map((r) => (r as PromiseFulfilledResult<unknown>).value) as {
-    -readonly [K in keyof T]: Awaited<T[K]>;
-  };
 }
 
 const VM_BACKENDS: ReadonlySet<BackendName> = new Set(["qemu", "firecracker"]);
@@ -299,7 +285,7 @@ export function createVmManager(deps: VmManagerDeps) {
           await fs.mkdir(vmDir(vmId), { recursive: true, mode: 0o750 });
           // Assets: leased for the VM's lifetime, placed into its directory by assetmanagerd.
           const wanted = [req.rootfsAssetId, req.kernelAssetId, req.initrdAssetId].filter(Boolean);
-          const [placed, image] = await settled([
+          const [placed, image] = await settleAll([
             deps.assets.prepare(tenant, wanted, `${vmId}/assets`, `metald:${vmId}`),
             deps.assets.imageConfig(tenant, req.rootfsAssetId),
             ...wanted.map(async (assetId) => {
@@ -371,7 +357,7 @@ export function createVmManager(deps: VmManagerDeps) {
           };
           const handle = await backend.create(rt.spec);
           if (handle) rt.handle = handle;
-          await settled([wiring, cgroupMade]);
+          await settleAll([wiring, cgroupMade]);
           await store.update(vmId, { runtime_json: JSON.stringify(rt) });
           vlog.info({ rootfs_asset: req.rootfsAssetId, ports: rt.ports }, "VM created");
           return { ...row, runtime_json: JSON.stringify(rt) };
