@@ -39,6 +39,10 @@ export const settings = {
     form: "a comma-separated list of CIDRs",
     doc: "Destinations VMs may never reach, on top of the built-in ones (metadata 169.254.0.0/16, the host's own addresses, the VM network).",
   }),
+  imageMountLinger: duration({
+    default: 60_000,
+    doc: "How long a container VM's base image stays mounted after the last VM using it is deleted, so the next VM of the image skips the loop mount (0: unmount at once).",
+  }),
   shutdownGrace: duration({
     default: 30_000,
     doc: "How long ShutdownVm waits for a graceful stop (Ctrl-Alt-Del / SIGTERM) before forcing it, unless the request says otherwise.",

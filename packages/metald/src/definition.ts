@@ -3,6 +3,7 @@ import path from "node:path";
 import { VmService } from "@kiln/api";
 import { defineService, tierLimits } from "@kiln/kit";
 import type { Kysely } from "kysely";
+import { releaseLingeringImages } from "./backends/mounts.js";
 import { createCgroupManager } from "./cgroups/cgroup.js";
 import { settings } from "./config.js";
 import { createSampler } from "./metering/sampler.js";
@@ -50,7 +51,8 @@ export const metald = defineService({
         })
       : undefined;
     const sampler = createSampler({ logger: log, onSample: usage ? (s) => usage.sample(s) : undefined });
-    const backends = await createBackendRegistry();
+    const linger = { imageMountLingerMs: config.imageMountLinger };
+    const backends = await createBackendRegistry({ runc: linger, gvisor: linger });
     const m = createMetaldMetrics(metrics, () => store.countByStateAndBackend());
     const vms = createVmManager({
       store,
@@ -129,6 +131,7 @@ export const metald = defineService({
         clearInterval(trimTimer);
         await vms.stop();
         await usage?.stop();
+        await releaseLingeringImages();
       },
     };
   },

@@ -1,9 +1,9 @@
 import { existsSync } from "node:fs";
 import type { Backend, ProbeResult } from "./backend.js";
 import { commandVersion } from "./command.js";
-import { createOciRuntimeBackend } from "./oci/runtime-backend.js";
+import { createOciRuntimeBackend, type OciBackendOptions } from "./oci/runtime-backend.js";
 
-export interface GvisorBackendOptions {
+export interface GvisorBackendOptions extends OciBackendOptions {
   /** The runsc binary (default: `runsc` on PATH). */
   binary?: string;
   /** gVisor platform: `ptrace` works everywhere; `kvm` needs /dev/kvm. */
@@ -30,46 +30,49 @@ export function createGvisorBackend(opts: GvisorBackendOptions = {}): Backend {
   const binary = opts.binary ?? "runsc";
   const platform = opts.platform ?? "ptrace";
   const nsenter = opts.nsenter ?? "nsenter";
-  return createOciRuntimeBackend({
-    name: "gvisor",
-    binary,
-    globalFlags: (stateDir, spec) => [
-      "--root",
-      stateDir,
-      `--platform=${platform}`,
-      `--network=${spec.network ? "host" : "none"}`,
-      "--overlay2=none",
-    ],
-    // Once the namespace is gone (the network was detached first), nothing can reach the sandbox's
-    // control socket any more; runsc then sees the container as stopped, and delete kills by pid.
-    wrap: (argv, spec) =>
-      spec.network && existsSync(spec.network.netnsPath)
-        ? { file: nsenter, args: [`--net=${spec.network.netnsPath}`, "--", ...argv] }
-        : { file: argv[0]!, args: argv.slice(1) },
-    network: () => ({ kind: "inherit" }),
-    // The sandbox's memory includes gVisor's own kernel: capping it at the VM's size would
-    // starve the workload, so metald's cgroup limits memory, and the VM's vCPUs cap CPU here.
-    limits: { memory: false, cpu: true },
-    async probe(): Promise<ProbeResult> {
-      const base = { isolation: "sandbox" as const, accelerated: platform === "kvm" };
-      if (process.getuid?.() !== 0) {
-        return {
-          ...base,
-          available: false,
-          reason: "runsc needs root here (mounts, namespaces, cgroups)",
-          version: "",
-        };
-      }
-      const version = await commandVersion(binary, "--version");
-      if (!version) {
-        return {
-          ...base,
-          available: false,
-          reason: `${binary} is not installed (Debian package runsc)`,
-          version: "",
-        };
-      }
-      return { ...base, available: true, reason: `gVisor on the ${platform} platform`, version };
+  return createOciRuntimeBackend(
+    {
+      name: "gvisor",
+      binary,
+      globalFlags: (stateDir, spec) => [
+        "--root",
+        stateDir,
+        `--platform=${platform}`,
+        `--network=${spec.network ? "host" : "none"}`,
+        "--overlay2=none",
+      ],
+      // Once the namespace is gone (the network was detached first), nothing can reach the sandbox's
+      // control socket any more; runsc then sees the container as stopped, and delete kills by pid.
+      wrap: (argv, spec) =>
+        spec.network && existsSync(spec.network.netnsPath)
+          ? { file: nsenter, args: [`--net=${spec.network.netnsPath}`, "--", ...argv] }
+          : { file: argv[0]!, args: argv.slice(1) },
+      network: () => ({ kind: "inherit" }),
+      // The sandbox's memory includes gVisor's own kernel: capping it at the VM's size would
+      // starve the workload, so metald's cgroup limits memory, and the VM's vCPUs cap CPU here.
+      limits: { memory: false, cpu: true },
+      async probe(): Promise<ProbeResult> {
+        const base = { isolation: "sandbox" as const, accelerated: platform === "kvm" };
+        if (process.getuid?.() !== 0) {
+          return {
+            ...base,
+            available: false,
+            reason: "runsc needs root here (mounts, namespaces, cgroups)",
+            version: "",
+          };
+        }
+        const version = await commandVersion(binary, "--version");
+        if (!version) {
+          return {
+            ...base,
+            available: false,
+            reason: `${binary} is not installed (Debian package runsc)`,
+            version: "",
+          };
+        }
+        return { ...base, available: true, reason: `gVisor on the ${platform} platform`, version };
+      },
     },
-  });
+    opts,
+  );
 }

@@ -10,6 +10,7 @@ import {
   mountOverlay,
   mountOverlayOnSharedImage,
   mountsUnder,
+  releaseLingeringImages,
   unmountSharedOverlay,
   unmountUnder,
 } from "./mounts.js";
@@ -115,6 +116,33 @@ describe("mounts", () => {
     expect(await mountsUnder(d)).toEqual([]);
     expect(fs.readdirSync(images)).toEqual([]);
     expect(loopDevices(image)).toEqual([]);
+  });
+
+  it("keeps a shared image mounted for the linger time after its last overlay, for the next VM", async () => {
+    const d = dir();
+    const image = makeImage(d);
+    const images = path.join(d, ".images");
+    const vm = (name: string) => ({
+      upper: `${d}/${name}/upper`,
+      work: `${d}/${name}/work`,
+      merged: `${d}/${name}/rootfs`,
+    });
+    const lower = await mountOverlayOnSharedImage(images, image, vm("a"));
+    await unmountSharedOverlay(images, vm("a").merged, 60_000);
+    expect(await isMountPoint(lower)).toBe(true); // lingering, no overlay over it
+    expect(await mountOverlayOnSharedImage(images, image, vm("b"))).toBe(lower); // reused
+    expect(loopDevices(image)).toHaveLength(1);
+
+    await unmountSharedOverlay(images, vm("b").merged, 100);
+    expect(await isMountPoint(lower)).toBe(true);
+    for (let i = 0; i < 100 && (await isMountPoint(lower)); i++) await new Promise((r) => setTimeout(r, 50));
+    expect(await isMountPoint(lower)).toBe(false); // the timer released it
+    expect(loopDevices(image)).toEqual([]);
+
+    await mountOverlayOnSharedImage(images, image, vm("c"));
+    await unmountSharedOverlay(images, vm("c").merged, 60_000);
+    await releaseLingeringImages(); // metald stopping
+    expect(await mountsUnder(d)).toEqual([]);
   });
 
   it("releases a shared image a crash left mounted without overlays", async () => {

@@ -111,7 +111,9 @@ export async function mountOverlayOnSharedImage(
   const existing = await overlayLower(paths.merged);
   if (existing) return existing; // mounted already (boot after create, reboot)
   const st = await fs.stat(image);
-  const lower = path.join(imagesDir, `${st.dev}-${st.ino}`);
+  const lower = path.join(path.resolve(imagesDir), `${st.dev}-${st.ino}`);
+  clearTimeout(lingering.get(lower));
+  lingering.delete(lower);
   await imageLock(lower, async () => {
     await mountImage(image, lower);
     await mountOverlay({ ...paths, lower });
@@ -120,26 +122,53 @@ export async function mountOverlayOnSharedImage(
 }
 
 /**
- * Unmounts the overlay at `merged`, then every shared image in `imagesDir` that no overlay uses
- * any more. Idempotent.
+ * Unmounts the overlay at `merged`. A shared image no overlay uses any more is unmounted too —
+ * after `lingerMs` (kept meanwhile for the next VM of the image: re-creating or scaling a
+ * deployment back up skips the loop mount), or at once with 0. Images a crash left mounted
+ * without overlays go as well. Idempotent.
  */
-export async function unmountSharedOverlay(imagesDir: string, merged: string): Promise<void> {
+export async function unmountSharedOverlay(imagesDir: string, merged: string, lingerMs = 0): Promise<void> {
   const lower = await overlayLower(merged);
   if (lower) await imageLock(lower, () => unmountUnder(merged));
-  await releaseUnusedImages(imagesDir);
+  await releaseUnusedImages(imagesDir, { keep: lingerMs > 0 ? lower : undefined });
+  if (lower && lingerMs > 0 && path.dirname(lower) === path.resolve(imagesDir)) {
+    clearTimeout(lingering.get(lower));
+    const timer = setTimeout(() => {
+      lingering.delete(lower);
+      void releaseImage(lower).catch(() => undefined);
+    }, lingerMs);
+    timer.unref();
+    lingering.set(lower, timer);
+  }
 }
 
-/** Unmounts the shared images no overlay uses (also those a crash mid-release left mounted). */
-export async function releaseUnusedImages(imagesDir: string): Promise<void> {
+/** Shared images kept mounted after their last overlay, until their timer releases them. */
+const lingering = new Map<string, NodeJS.Timeout>();
+
+/** Unmounts every lingering shared image no overlay uses now (metald stopping). */
+export async function releaseLingeringImages(): Promise<void> {
+  const lowers = [...lingering.keys()];
+  for (const lower of lowers) clearTimeout(lingering.get(lower));
+  lingering.clear();
+  for (const lower of lowers) await releaseImage(lower).catch(() => undefined);
+}
+
+/** Unmounts the shared images no overlay uses, except lingering ones and `keep`. */
+export async function releaseUnusedImages(imagesDir: string, opts: { keep?: string } = {}): Promise<void> {
   const names = await fs.readdir(imagesDir).catch(() => [] as string[]);
   for (const name of names) {
     const lower = path.join(path.resolve(imagesDir), name);
-    await imageLock(lower, async () => {
-      if ((await overlaysOver(lower)).length > 0) return;
-      await unmountUnder(lower);
-      await fs.rmdir(lower).catch(() => undefined);
-    });
+    if (lower === opts.keep || lingering.has(lower)) continue;
+    await releaseImage(lower);
   }
+}
+
+async function releaseImage(lower: string): Promise<void> {
+  await imageLock(lower, async () => {
+    if ((await overlaysOver(lower)).length > 0) return;
+    await unmountUnder(lower);
+    await fs.rmdir(lower).catch(() => undefined);
+  });
 }
 
 /** The lower directory of the overlay mounted at `merged`, if one is. */

@@ -1,8 +1,8 @@
 import type { Backend, ProbeResult } from "./backend.js";
 import { commandVersion } from "./command.js";
-import { createOciRuntimeBackend } from "./oci/runtime-backend.js";
+import { createOciRuntimeBackend, type OciBackendOptions } from "./oci/runtime-backend.js";
 
-export interface RuncBackendOptions {
+export interface RuncBackendOptions extends OciBackendOptions {
   /** The runc binary (default: `runc` on PATH). */
   binary?: string;
 }
@@ -18,33 +18,37 @@ export interface RuncBackendOptions {
  */
 export function createRuncBackend(opts: RuncBackendOptions = {}): Backend {
   const binary = opts.binary ?? "runc";
-  return createOciRuntimeBackend({
-    name: "runc",
-    binary,
-    globalFlags: (stateDir) => ["--root", stateDir],
-    wrap: ([file, ...args]) => ({ file: file!, args }),
-    network: (spec) => (spec.network ? { kind: "join", path: spec.network.netnsPath } : { kind: "private" }),
-    limits: { memory: true, cpu: true },
-    async probe(): Promise<ProbeResult> {
-      const base = { isolation: "container" as const, accelerated: false };
-      if (process.getuid?.() !== 0) {
-        return {
-          ...base,
-          available: false,
-          reason: "runc needs root (mounts, namespaces, cgroups)",
-          version: "",
-        };
-      }
-      const version = await commandVersion(binary);
-      if (!version) {
-        return {
-          ...base,
-          available: false,
-          reason: `${binary} is not installed (Debian package runc)`,
-          version: "",
-        };
-      }
-      return { ...base, available: true, reason: "runc runs containers on the host kernel", version };
+  return createOciRuntimeBackend(
+    {
+      name: "runc",
+      binary,
+      globalFlags: (stateDir) => ["--root", stateDir],
+      wrap: ([file, ...args]) => ({ file: file!, args }),
+      network: (spec) =>
+        spec.network ? { kind: "join", path: spec.network.netnsPath } : { kind: "private" },
+      limits: { memory: true, cpu: true },
+      async probe(): Promise<ProbeResult> {
+        const base = { isolation: "container" as const, accelerated: false };
+        if (process.getuid?.() !== 0) {
+          return {
+            ...base,
+            available: false,
+            reason: "runc needs root (mounts, namespaces, cgroups)",
+            version: "",
+          };
+        }
+        const version = await commandVersion(binary);
+        if (!version) {
+          return {
+            ...base,
+            available: false,
+            reason: `${binary} is not installed (Debian package runc)`,
+            version: "",
+          };
+        }
+        return { ...base, available: true, reason: "runc runs containers on the host kernel", version };
+      },
     },
-  });
+    opts,
+  );
 }

@@ -101,7 +101,12 @@ const REBOOT_GRACE_MS = 10_000;
 const WORKLOAD_NOFILE = 65536;
 
 /** A Backend over an OCI runtime CLI: runc and gVisor's runsc. */
-export function createOciRuntimeBackend(rt: OciRuntime): Backend {
+export interface OciBackendOptions {
+  /** How long a shared base image stays mounted after its last VM is deleted (default 0). */
+  imageMountLingerMs?: number;
+}
+
+export function createOciRuntimeBackend(rt: OciRuntime, opts: OciBackendOptions = {}): Backend {
   const name = rt.name;
 
   const command = (spec: VmSpec, args: string[]) =>
@@ -329,7 +334,7 @@ export function createOciRuntimeBackend(rt: OciRuntime): Backend {
       // Whatever the runtime left running for this VM (runsc's gofer, a sandbox it lost track of).
       for (const p of await processesMentioning(l.root)) await killAndWait(p);
       await removeCreatedCgroups(l);
-      await unmountSharedOverlay(imagesDir(spec), l.merged);
+      await unmountSharedOverlay(imagesDir(spec), l.merged, opts.imageMountLingerMs);
       await unmountUnder(l.root); // anything else, e.g. a lower mount of the VM's own (older layout)
       await fs.rm(l.root, { recursive: true, force: true });
     },
