@@ -307,7 +307,7 @@ export async function run(args: string[] = []): Promise<void> {
         k.push(await kiln(vms, rootfsAssetId, backend, leaked));
         b.push(await bare[backend]());
         note(
-          `  run ${i + 1}: kiln ${k[i]!.total.toFixed(0)} ms, bare ${b[i]!.total.toFixed(0)} ms (runtime ${b[i]!.runtime.toFixed(0)} ms)`,
+          `  run ${i + 1}: kiln ${k[i]!.total.toFixed(0)} ms (${k[i]!.create.toFixed(0)}+${k[i]!.boot.toFixed(0)}+${k[i]!.serve.toFixed(0)}), bare ${b[i]!.total.toFixed(0)} ms (runtime ${b[i]!.runtime.toFixed(0)} ms)`,
         );
       }
       const [kt, bt, rt] = [

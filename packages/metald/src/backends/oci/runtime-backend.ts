@@ -12,7 +12,7 @@ import {
 } from "../backend.js";
 import { missingCgroupDirs, normalizeCgroupPath, removeCgroupDirs } from "../cgroups.js";
 import { BackendCommandError, runCommand } from "../command.js";
-import { mountOverlayOnSharedImage, unmountSharedOverlay, unmountUnder } from "../mounts.js";
+import { mountOverlayOnSharedImage, overlayLower, unmountSharedOverlay, unmountUnder } from "../mounts.js";
 import {
   identify,
   isAlive,
@@ -216,8 +216,15 @@ export function createOciRuntimeBackend(rt: OciRuntime, opts: OciBackendOptions 
     await fs.rm(l.cgroupsCreated, { force: true });
   }
 
+  /** The bundle CreateVm prepared, as long as its root is still mounted; else prepared again (host reboot). */
+  async function prepared(spec: VmSpec): Promise<BundleLayout> {
+    const l = bundleLayout(spec.dir, name);
+    const ready = (await overlayLower(l.merged)) !== undefined && (await exists(l.config));
+    return ready ? l : prepare(spec);
+  }
+
   async function boot(spec: VmSpec): Promise<BackendHandle> {
-    const l = await prepare(spec);
+    const l = await prepared(spec);
     const previous = await readProcessRecord(l.record);
     if (previous && (await isAlive(previous))) {
       throw new FailedPreconditionError(
@@ -394,6 +401,12 @@ async function hardNofileLimit(): Promise<number> {
   if (!m || m[1] === "unlimited") return Number.MAX_SAFE_INTEGER;
   return Number(m[1]) || 1024;
 }
+
+const exists = (file: string) =>
+  fs.access(file).then(
+    () => true,
+    () => false,
+  );
 
 async function readJson<T>(file: string): Promise<T | undefined> {
   try {
