@@ -502,7 +502,7 @@ export function backendConformanceSuite(target: SuiteTarget): void {
       expect((await httpGet(`${vm.url}/boots.txt`, 2_000))?.body).toBe("boot\nboot\n");
     });
 
-    it("shutdown is graceful, leaves no process, and the VM boots again with its data", async () => {
+    it("shutdown is graceful, leaves no process, and the VM boots again with its data (also after its mounts went)", async () => {
       const b = target.backend();
       const h = await boot(b);
       await answers(h);
@@ -512,6 +512,8 @@ export function backendConformanceSuite(target: SuiteTarget): void {
       expect(processesMentioning(vm.spec.dir)).toEqual([]);
       expect(await target.backend().adopt(vm.spec, h)).toBe("gone");
 
+      // As after a host reboot: every mount is gone, the VM's files stay; boot mounts again.
+      await unmountUnder(vm.dir.path);
       const h2 = await b.boot(vm.spec);
       vm.handles.push(h2);
       await answers(h2);
