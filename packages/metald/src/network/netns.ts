@@ -1,5 +1,6 @@
 import fs from "node:fs/promises";
-import { EXISTS, GONE, ip, ipBatch, netnsPath } from "./command.js";
+import { settleAll } from "@kiln/kit";
+import { EXISTS, GONE, ip, ipBatch, NetworkCommandError, netnsPath } from "./command.js";
 import type { VmNetworkNames } from "./names.js";
 import type { Router } from "./router.js";
 
@@ -37,39 +38,55 @@ export async function vmNamespaceExists(names: VmNetworkNames): Promise<boolean>
 
 /**
  * Creates the VM's namespace (`fresh`: it does not exist yet, see vmNamespaceExists), or repairs
- * a half-made one. A new namespace is made in three `ip` processes (each costs ~5 ms and CreateVm
- * waits for them); an existing one is checked and repaired step by step.
+ * a half-made one. A new namespace takes two steps of `ip` processes (each ~5 ms, and CreateVm
+ * waits for them): one makes the namespace and the veth pair with each end already in its
+ * namespace, then both sides are configured at once. An existing one is checked and repaired
+ * step by step.
  */
 export async function createVmNamespace(
   router: Router,
   spec: VmNamespaceSpec,
   { fresh }: { fresh: boolean },
 ): Promise<void> {
-  const vm = spec.names.netns;
-  if (!fresh) {
+  const { names } = spec;
+  const repair = async () => {
     await repairVmNamespace(router, spec);
-  } else {
-    await ip(undefined, ["netns", "add", vm], { tolerate: EXISTS });
-    // The VM end is made inside the new namespace and its peer sent to the router, so the VM
-    // side is configured in the same batch.
-    await ipBatch(vm, [
-      ["link", "set", "lo", "up"],
-      [
-        "link",
-        "add",
-        spec.names.guestVeth,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        spec.names.hostVeth,
-        "netns",
-        router.name,
-      ],
-      ...guestSide(router, spec),
-    ]);
+    await ipBatch(router.name, routerSide(router, spec));
+  };
+  if (!fresh) return repair();
+  try {
+    await makeNamespaceAndLink(router, names);
+  } catch (err) {
+    // Made meanwhile (a concurrent attach of the same VM): repair instead.
+    if (err instanceof NetworkCommandError && EXISTS.test(err.stderr)) return repair();
+    throw err;
   }
-  await ipBatch(router.name, routerSide(router, spec));
+  await settleAll([
+    ipBatch(names.netns, [["link", "set", "lo", "up"], ...guestSide(router, spec)]),
+    ipBatch(router.name, routerSide(router, spec)),
+  ]);
+}
+
+function makeNamespaceAndLink(router: Router, names: VmNetworkNames): Promise<string> {
+  return ipBatch(undefined, [
+    ["netns", "add", names.netns],
+    // Both ends are named into their namespaces: no process has to run inside either.
+    [
+      "link",
+      "add",
+      "name",
+      names.guestVeth,
+      "netns",
+      names.netns,
+      "type",
+      "veth",
+      "peer",
+      "name",
+      names.hostVeth,
+      "netns",
+      router.name,
+    ],
+  ]);
 }
 
 async function repairVmNamespace(router: Router, spec: VmNamespaceSpec): Promise<void> {
