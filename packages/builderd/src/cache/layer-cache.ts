@@ -219,7 +219,10 @@ async function writeAllAt(handle: fsp.FileHandle, buffers: Buffer[], position: n
 }
 
 /** The reader's side of a temp file: its own descriptor, and the count of bytes written. */
-function growingFile(file: string, size: number): { file: GrowingFile; advance(written: number): void } {
+export function growingFile(
+  file: string,
+  size: number,
+): { file: GrowingFile; advance(written: number): void } {
   const fd = fs.openSync(file, "r");
   const watchers = new Set<(written: number) => void>();
   let written = 0;

@@ -3,34 +3,14 @@ import path from "node:path";
 import zlib from "node:zlib";
 import { tempDir } from "@kiln/kit/testing";
 import { afterAll, afterEach, describe, expect, it } from "vitest";
-import type { GrowingFile } from "../cache/layer-cache.js";
+import { growingFile } from "../cache/layer-cache.js";
 import { layerTar } from "../testing/oci-layout.js";
 import { createLayerApplier } from "./layer-applier.js";
 
-/** A file written in steps by the test, shaped like the layer cache's growing temp file. */
+/** A file written in steps by the test, read as the layer cache's growing temp file is. */
 function growing(file: string, size: number) {
-  const fd = fs.openSync(file, "r");
-  const watchers = new Set<(n: number) => void>();
-  let written = 0;
-  const g: GrowingFile = {
-    fd,
-    size,
-    get written() {
-      return written;
-    },
-    watch(fn) {
-      watchers.add(fn);
-      return () => watchers.delete(fn);
-    },
-    close: () => fs.closeSync(fd),
-  };
-  return {
-    g,
-    advance(n: number) {
-      written = n;
-      for (const w of watchers) w(n);
-    },
-  };
+  const { file: g, advance } = growingFile(file, size);
+  return { g, advance };
 }
 
 describe("layer applier", () => {
