@@ -5,6 +5,7 @@
  *
  *   in:  { id, kind: "run", file, args, cwd?, env?, input?, timeoutMs, maxBuffer }
  *        { id, kind: "detached", file, args, cwd?, env?, logFile, newSession }
+ *        { kind: "kill", target, signal }   (a run under way: its caller gave up)
  *   out: { id, kind: "done", code, signal, stdout, stderr, timedOut, error? }     (run)
  *        { id, kind: "spawned", pid } then { id, kind: "exited", code, signal }  (detached)
  *        { id, kind: "failed", error }                                           (detached)
@@ -18,10 +19,12 @@ import { spawn } from "node:child_process";
 import fs from "node:fs";
 
 const send = (m) => { if (process.connected) process.send(m); };
+const running = new Map();
 const errorOf = (err) => ({ code: String(err.code ?? "EUNKNOWN"), message: err.message });
 
 function run(m) {
   const child = spawn(m.file, m.args, { cwd: m.cwd, env: m.env ?? process.env, stdio: ["pipe", "pipe", "pipe"] });
+  running.set(m.id, child);
   const out = [], err = [];
   let size = 0, timedOut = false, overflow = false, spawnError;
   const collect = (into) => (chunk) => {
@@ -37,6 +40,7 @@ function run(m) {
   child.on("error", (e) => { spawnError = e; });
   child.on("close", (code, signal) => {
     clearTimeout(timer);
+    running.delete(m.id);
     let stderr = Buffer.concat(err).toString("utf8");
     if (overflow) stderr += "\n(output exceeded " + m.maxBuffer + " bytes; the command was killed)";
     send({
@@ -67,6 +71,7 @@ process.on("message", (m) => {
   try {
     if (m.kind === "run") run(m);
     else if (m.kind === "detached") detached(m);
+    else if (m.kind === "kill") running.get(m.target)?.kill(m.signal);
   } catch (e) {
     send({ id: m.id, kind: m.kind === "run" ? "done" : "failed", code: null, signal: null, stdout: "", stderr: "", timedOut: false, error: errorOf(e) });
   }

@@ -42,6 +42,20 @@ describe("spawner", () => {
     expect(r).toMatchObject({ code: null, signal: "SIGKILL", timedOut: true });
   });
 
+  it("kills a command when its caller aborts, and rejects with the reason", async () => {
+    const pidFile = path.join(work.path, "aborted.pid");
+    const ac = new AbortController();
+    const running = spawner.run("sh", ["-c", `echo $$ > ${pidFile}; exec sleep 30`], { signal: ac.signal });
+    while (!fs.existsSync(pidFile) || !fs.readFileSync(pidFile, "utf8").trim()) {
+      await new Promise((r) => setTimeout(r, 10));
+    }
+    const pid = Number(fs.readFileSync(pidFile, "utf8"));
+    ac.abort(new Error("build cancelled"));
+    await expect(running).rejects.toThrow("build cancelled");
+    expect(() => process.kill(pid, 0)).toThrow(/ESRCH/); // gone, and reaped by the helper
+    await expect(spawner.run("true", [], { signal: ac.signal })).rejects.toThrow("build cancelled");
+  });
+
   it("kills a command whose output exceeds maxBuffer", async () => {
     const r = await spawner.run("head", ["-c", "100000", "/dev/zero"], { maxBuffer: 1000 });
     expect(r.timedOut).toBe(true);

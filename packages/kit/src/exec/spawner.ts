@@ -23,6 +23,8 @@ export interface RunOptions {
   timeoutMs?: number;
   /** stdout + stderr beyond this kill the command (default 32 MiB). */
   maxBuffer?: number;
+  /** Aborting kills the command (SIGTERM) and rejects with the signal's reason. */
+  signal?: AbortSignal;
 }
 
 export interface RunResult {
@@ -53,7 +55,10 @@ export interface DetachedProcess {
 }
 
 export interface Spawner {
-  /** Runs a command to completion. Never rejects for the command's own failure: see the result. */
+  /**
+   * Runs a command to completion. Never rejects for the command's own failure (see the result),
+   * only when `signal` aborts it.
+   */
   run(file: string, args: readonly string[], opts?: RunOptions): Promise<RunResult>;
   /** Starts a long-lived process; resolves once it exists, rejects when it cannot start. */
   spawnDetached(file: string, args: readonly string[], opts: DetachedSpawnOptions): Promise<DetachedProcess>;
@@ -129,7 +134,8 @@ export function createSpawner(): Spawner {
     return child;
   }
 
-  function request(msg: Record<string, unknown>, p: Pending): void {
+  /** Sends a request; returns its id. */
+  function request(msg: Record<string, unknown>, p: Pending): number {
     helper ??= start();
     const id = nextId++;
     pending.set(id, p);
@@ -142,12 +148,22 @@ export function createSpawner(): Spawner {
         p.onHelperGone(`spawn helper unreachable: ${err.message}`);
       }
     });
+    return id;
   }
 
   return {
     run(file, args, opts = {}) {
-      return new Promise((resolve) => {
-        request(
+      return new Promise((resolve, reject) => {
+        const { signal } = opts;
+        if (signal?.aborted) return reject(signal.reason);
+        const onAbort = () => helper?.send({ kind: "kill", target: id, signal: "SIGTERM" }, () => {});
+        signal?.addEventListener("abort", onAbort, { once: true });
+        const finish = (result: RunResult) => {
+          signal?.removeEventListener("abort", onAbort);
+          if (signal?.aborted) reject(signal.reason);
+          else resolve(result);
+        };
+        const id = request(
           {
             kind: "run",
             file,
@@ -163,11 +179,11 @@ export function createSpawner(): Spawner {
               if (reply.kind !== "done") return false;
               const { error, ...rest } = reply;
               const { id: _id, kind: _kind, ...result } = rest;
-              resolve(error ? { ...result, startError: error } : result);
+              finish(error ? { ...result, startError: error } : result);
               return true;
             },
             onHelperGone(reason) {
-              resolve({
+              finish({
                 code: null,
                 signal: null,
                 stdout: "",
