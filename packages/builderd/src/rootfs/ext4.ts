@@ -1,10 +1,9 @@
-import { spawn } from "node:child_process";
 import { createHash } from "node:crypto";
 import { createReadStream, existsSync } from "node:fs";
 import fs from "node:fs/promises";
 import path from "node:path";
 import { pipeline } from "node:stream/promises";
-import { FailedPreconditionError, InternalError } from "@kiln/kit";
+import { FailedPreconditionError, InternalError, sharedSpawner } from "@kiln/kit";
 
 export interface Ext4Options {
   /** Free space to add on top of the content (default 32 MiB)… */
@@ -184,32 +183,14 @@ function mkfsBinary(): string {
   return ["/usr/sbin/mkfs.ext4", "/sbin/mkfs.ext4"].find((p) => existsSync(p)) ?? "mkfs.ext4";
 }
 
-function run(cmd: string, args: string[], signal?: AbortSignal): Promise<void> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(cmd, args, { stdio: ["ignore", "pipe", "pipe"], signal });
-    let stderr = "";
-    child.stdout.on("data", (d: Buffer) => {
-      stderr += d.toString();
-    });
-    child.stderr.on("data", (d: Buffer) => {
-      stderr += d.toString();
-    });
-    child.on("error", (err: NodeJS.ErrnoException) => {
-      if (err.name === "AbortError") reject(signal?.reason ?? err);
-      else if (err.code === "ENOENT") {
-        reject(
-          new FailedPreconditionError("mkfs.ext4 is not installed: install the e2fsprogs package", {
-            cause: err,
-          }),
-        );
-      } else reject(err);
-    });
-    child.on("close", (code, sig) => {
-      if (code === 0) resolve();
-      else if (!signal?.aborted) {
-        const detail = stderr.trim() || `exit code ${code ?? sig}`;
-        reject(new MkfsError(`mkfs.ext4 failed: ${detail}`, stderr));
-      }
-    });
-  });
+async function run(cmd: string, args: string[], signal?: AbortSignal): Promise<void> {
+  // Through the spawn helper: a fork of the service itself would stall its event loop.
+  const r = await sharedSpawner().run(cmd, args, { signal });
+  if (r.code === 0) return;
+  if (r.startError?.code === "ENOENT") {
+    throw new FailedPreconditionError("mkfs.ext4 is not installed: install the e2fsprogs package");
+  }
+  const output = `${r.stdout}${r.stderr}`;
+  const detail = output.trim() || r.startError?.message || `exit code ${r.code ?? r.signal}`;
+  throw new MkfsError(`mkfs.ext4 failed: ${detail}`, output);
 }

@@ -1,9 +1,17 @@
-import { execFile } from "node:child_process";
 import fs from "node:fs/promises";
 import path from "node:path";
-import { promisify } from "node:util";
+import { sharedSpawner } from "@kiln/kit";
 
-const execFileP = promisify(execFile);
+/** Runs a tool through the spawn helper (no fork of the service); stdout, or throws on failure. */
+async function tool(cmd: string, args: string[]): Promise<string> {
+  const r = await sharedSpawner().run(cmd, args, { maxBuffer: 16 << 20 });
+  if (r.code !== 0) {
+    throw Object.assign(new Error(`${cmd} failed: ${r.startError?.message ?? r.stderr.trim()}`), {
+      code: r.startError?.code,
+    });
+  }
+  return r.stdout;
+}
 
 /**
  * Runs `strip --strip-debug` over the rootfs' ELF files. Conservative by design: only regular
@@ -42,9 +50,7 @@ export async function stripDebugSymbols(
   const withCaps = new Set<string>();
   for (let i = 0; i < candidates.length; i += 200) {
     const batch = candidates.slice(i, i + 200);
-    const { stdout } = await execFileP("getcap", batch, { maxBuffer: 16 << 20 }).catch(() => ({
-      stdout: "",
-    }));
+    const stdout = await tool("getcap", batch).catch(() => "");
     for (const line of stdout.split("\n")) {
       const file = batch.find((f) => line.startsWith(`${f} `));
       if (file) withCaps.add(file);
@@ -58,7 +64,7 @@ export async function stripDebugSymbols(
     const before = await fs.lstat(file);
     const tmp = `${file}.kiln-strip`;
     try {
-      await execFileP("strip", ["--strip-debug", "-o", tmp, file]);
+      await tool("strip", ["--strip-debug", "-o", tmp, file]);
       const after = await fs.stat(tmp);
       if (after.size >= before.size) continue;
       await fs.chown(tmp, before.uid, before.gid);
@@ -88,7 +94,7 @@ async function isElf(file: string): Promise<boolean> {
 }
 
 async function hasTool(cmd: string, args: string[]): Promise<boolean> {
-  return execFileP(cmd, args).then(
+  return tool(cmd, args).then(
     () => true,
     (err: NodeJS.ErrnoException) => err.code !== "ENOENT",
   );
