@@ -259,7 +259,7 @@ async function throughput(vms: Vms, rootfsAssetId: string, backend: Backend, n: 
 }
 
 export async function run(args: string[] = []): Promise<void> {
-  const runs = option(args, "--runs", 3);
+  const runs = option(args, "--runs", 7);
   const n = option(args, "--vms", 10);
   const i = args.indexOf("--backends");
   const backends = (i >= 0 ? (args[i + 1] ?? "") : "runc,gvisor,qemu").split(",") as Backend[];
