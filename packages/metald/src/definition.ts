@@ -3,7 +3,7 @@ import path from "node:path";
 import { VmService } from "@kiln/api";
 import { defineService, tierLimits } from "@kiln/kit";
 import type { Kysely } from "kysely";
-import { releaseLingeringImages } from "./backends/mounts.js";
+import { releaseLingeringImages } from "./backends/shared-images.js";
 import { createCgroupManager } from "./cgroups/cgroup.js";
 import { settings } from "./config.js";
 import { createSampler } from "./metering/sampler.js";

@@ -4,16 +4,8 @@ import path from "node:path";
 import { InvalidArgumentError } from "@kiln/kit";
 import { tempDir } from "@kiln/kit/testing";
 import { afterEach, describe, expect, it } from "vitest";
-import {
-  isMountPoint,
-  mountImage,
-  mountOverlay,
-  mountOverlayOnSharedImage,
-  mountsUnder,
-  releaseLingeringImages,
-  unmountSharedOverlay,
-  unmountUnder,
-} from "./mounts.js";
+import { isMountPoint, mountImage, mountOverlay, mountsUnder, unmountUnder } from "./mounts.js";
+import { mountOverlayOnSharedImage, releaseLingeringImages, unmountSharedOverlay } from "./shared-images.js";
 
 const cleanups: Array<() => Promise<void> | void> = [];
 afterEach(async () => {
@@ -27,6 +19,7 @@ function dir(): string {
   return d.path;
 }
 
+/** mounts.ts, and the shared image mounts built on it (shared-images.ts). */
 describe("mounts", () => {
   it("finds mounts below a directory (names with spaces too) and unmounts them deepest first", async () => {
     const d = dir();

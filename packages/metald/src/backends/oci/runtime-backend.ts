@@ -12,7 +12,7 @@ import {
 } from "../backend.js";
 import { missingCgroupDirs, normalizeCgroupPath, removeCgroupDirs } from "../cgroups.js";
 import { BackendCommandError, runCommand } from "../command.js";
-import { mountOverlayOnSharedImage, overlayLower, unmountSharedOverlay, unmountUnder } from "../mounts.js";
+import { unmountUnder } from "../mounts.js";
 import {
   identify,
   isAlive,
@@ -24,6 +24,7 @@ import {
   waitForExit,
   writeProcessRecord,
 } from "../process.js";
+import { mountOverlayOnSharedImage, overlayLower, unmountSharedOverlay } from "../shared-images.js";
 import { containerArgs, type OciNetwork, ociRuntimeConfig, renderHosts, renderResolvConf } from "./config.js";
 
 /**
