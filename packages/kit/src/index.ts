@@ -10,6 +10,7 @@ export * from "./errors.js";
 export * from "./exec/spawner.js";
 export * from "./ids.js";
 export * from "./image-user.js";
+export * from "./keyed-lock.js";
 export * from "./log.js";
 export * from "./main.js";
 export * from "./metrics.js";

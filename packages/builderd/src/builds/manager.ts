@@ -1,6 +1,7 @@
 import fs from "node:fs/promises";
 import path from "node:path";
 import {
+  createKeyedLock,
   InvalidArgumentError,
   KilnError,
   type LimitsResolver,
@@ -102,19 +103,10 @@ export function createBuildManager(deps: BuildManagerDeps) {
   const { store, events, log, metrics } = deps;
   const running = new Map<string, Running>();
   const queue: Queued[] = [];
-  const tenantLocks = new Map<string, Promise<unknown>>();
   let stopping = false;
 
   /** Serialises admission per tenant, so two concurrent CreateBuilds cannot both pass a quota. */
-  function withTenantLock<T>(tenantId: string, fn: () => Promise<T>): Promise<T> {
-    const prev = tenantLocks.get(tenantId) ?? Promise.resolve();
-    const next = prev.then(fn, fn);
-    tenantLocks.set(
-      tenantId,
-      next.catch(() => {}),
-    );
-    return next;
-  }
+  const withTenantLock = createKeyedLock();
 
   async function getOwned(tenant: TenantContext, buildId: string): Promise<BuildRow> {
     const row = await store.get(tenant.tenantId, buildId);

@@ -1,5 +1,6 @@
 import fs from "node:fs/promises";
 import path from "node:path";
+import { createKeyedLock } from "@kiln/kit";
 import { decodeMountPath, mountImage, mountOverlay, type OverlayPaths, unmountUnder } from "./mounts.js";
 
 /**
@@ -109,15 +110,4 @@ async function overlayMounts(): Promise<Array<{ mountPoint: string; lower: strin
 }
 
 /** One mount or unmount of a shared image at a time in this process. */
-const imageLocks = new Map<string, Promise<unknown>>();
-
-function imageLock<T>(key: string, fn: () => Promise<T>): Promise<T> {
-  const prev = imageLocks.get(key) ?? Promise.resolve();
-  const next = prev.then(fn, fn);
-  const tail = next.catch(() => undefined);
-  imageLocks.set(key, tail);
-  void tail.then(() => {
-    if (imageLocks.get(key) === tail) imageLocks.delete(key);
-  });
-  return next;
-}
+const imageLock = createKeyedLock();

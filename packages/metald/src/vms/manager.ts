@@ -1,6 +1,7 @@
 import fs from "node:fs/promises";
 import path from "node:path";
 import {
+  createKeyedLock,
   InternalError,
   InvalidArgumentError,
   type LimitsResolver,
@@ -120,19 +121,8 @@ const VM_BACKENDS: ReadonlySet<BackendName> = new Set(["qemu", "firecracker"]);
  */
 export function createVmManager(deps: VmManagerDeps) {
   const { store, log } = deps;
-  const locks = new Map<string, Promise<unknown>>();
-
   /** One operation at a time per VM. */
-  function locked<T>(vmId: string, fn: () => Promise<T>): Promise<T> {
-    const prev = locks.get(vmId) ?? Promise.resolve();
-    const next = prev.then(fn, fn);
-    const tail = next.catch(() => {});
-    locks.set(vmId, tail);
-    tail.then(() => {
-      if (locks.get(vmId) === tail) locks.delete(vmId);
-    });
-    return next;
-  }
+  const locked = createKeyedLock();
 
   async function owned(tenant: TenantContext, vmId: string): Promise<VmRow> {
     const row = await store.get(tenant.tenantId, vmId);
