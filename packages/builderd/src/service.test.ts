@@ -362,6 +362,20 @@ describe("builderd", () => {
     expect(build.state).toBe(S.COMPLETED);
   });
 
+  it("enforces MaxDailyBuilds per tier, naming the limit (free: 20 a day)", async () => {
+    const uri = `oci:${path.join(work.path, "layout")}:1`;
+    for (let i = 0; i < 20; i++) {
+      const { buildId } = await createBuild(uri, "daily", { tier: "free" });
+      expect((await waitEnd(buildId, "daily")).state).toBe(S.COMPLETED);
+    }
+    const err = await createBuild(uri, "daily", { tier: "free" }).catch((e) => ConnectError.from(e));
+    expect((err as ConnectError).code).toBe(Code.ResourceExhausted);
+    expect((err as ConnectError).rawMessage).toMatch(/^MaxDailyBuilds \(20\) reached/);
+    // Another tenant's allowance is its own.
+    const other = await createBuild(uri, "daily-other", { tier: "free" });
+    expect((await waitEnd(other.buildId, "daily-other")).state).toBe(S.COMPLETED);
+  });
+
   it("refuses a registry on a loopback address the operator did not list", async () => {
     const build = await waitEnd((await createBuild("docker://127.0.0.1:1/app:1", "ssrf")).buildId, "ssrf");
     expect(build.state).toBe(S.FAILED);
