@@ -1,7 +1,8 @@
 /**
  * The CLI against a running platform (`kiln up` in this process, a real registry): `kiln run`
  * builds the image, boots it on runc and prints an endpoint that answers; `kiln vms`, `kiln
- * builds` and `kiln assets` see the results; `kiln vms delete` cleans up.
+ * builds` and `kiln assets` see the results; `kiln vms delete` cleans up, and `kiln assets`
+ * refuses to delete the leased rootfs, then garbage-collects (dry run) and deletes it.
  */
 import { execFile } from "node:child_process";
 import { promisify } from "node:util";
@@ -88,6 +89,18 @@ describe("kiln run", () => {
     };
     expect(build).toMatchObject({ state: "BUILD_STATE_COMPLETED", assetId: out.assetId });
     expect(await kiln("assets", "list")).toContain(out.assetId);
+    expect(JSON.parse(await kiln("assets", "get", out.assetId, "--json"))).toMatchObject({
+      id: out.assetId,
+      type: "ASSET_TYPE_ROOTFS",
+      status: "ASSET_STATUS_AVAILABLE",
+      referenceCount: 1,
+    });
+    const leased = (await kiln("assets", "delete", out.assetId).catch((e) => e)) as {
+      code: number;
+      stderr: string;
+    };
+    expect(leased.code).toBe(1);
+    expect(leased.stderr).toMatch(/active lease\(s\) \(held by metald:vm_.*release them first/);
 
     // Run it again: the rootfs is reused, a second VM starts.
     const again = JSON.parse(await kiln("run", image, "--backend", "runc", "--json")) as {
@@ -99,6 +112,15 @@ describe("kiln run", () => {
 
     for (const id of [out.vmId, again.vmId]) expect(await kiln("vms", "delete", id)).toContain("DELETED");
     expect(JSON.parse(await kiln("vms", "list", "--json")).vms ?? []).toEqual([]);
+
+    // Unleased now: a dry-run GC lists the rootfs and deletes nothing; delete removes it.
+    await new Promise((r) => setTimeout(r, 1_100));
+    const gc = await kiln("assets", "gc", "--dry-run", "--max-age", "1s");
+    expect(gc).toContain(out.assetId);
+    expect(gc).toMatch(/would delete 1 asset\(s\)/);
+    expect(await kiln("assets", "get", out.assetId)).toMatch(/^status +available$/m);
+    expect(await kiln("assets", "delete", out.assetId)).toContain(`asset ${out.assetId} deleted`);
+    expect(await kiln("assets", "list")).not.toContain(out.assetId);
   });
 
   it("says what to do when a build fails", async () => {
