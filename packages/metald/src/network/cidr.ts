@@ -72,3 +72,8 @@ export function parseCidr(
     },
   };
 }
+
+/** Whether two networks share an address. */
+export function overlaps(a: Ipv4Cidr, b: Ipv4Cidr): boolean {
+  return a.network < b.network + b.size && b.network < a.network + a.size;
+}

@@ -1,7 +1,7 @@
 import fs from "node:fs/promises";
 import path from "node:path";
 import { FailedPreconditionError, InvalidArgumentError } from "@kiln/kit";
-import { parseCidr } from "./cidr.js";
+import { overlaps, parseCidr } from "./cidr.js";
 import { EXISTS, GONE, inNetns, ip, netnsPath, run } from "./command.js";
 import { createEgressPolicy, type EgressPolicy } from "./egress.js";
 import type { AddressLayout } from "./pool.js";
@@ -117,7 +117,7 @@ export function createRouter(opts: RouterOptions): Router {
       if (!r.dst || r.dst === "default" || r.dev === uplinkName) continue;
       const other = parseCidr(r.dst.includes("/") ? r.dst : `${r.dst}/32`, "host route", { anyLength: true });
       const a = layout.cidr;
-      if (a.network < other.network + other.size && other.network < a.network + a.size) {
+      if (overlaps(a, other)) {
         throw new FailedPreconditionError(
           `VM network ${a.text} overlaps ${r.dst}, which this host already routes via ${r.dev ?? "?"}: configure another UNKEY_METALD_NETWORK_CIDR`,
         );

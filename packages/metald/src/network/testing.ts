@@ -13,6 +13,7 @@ import { tempDir } from "@kiln/kit/testing";
 import type { Kysely } from "kysely";
 import { migrations } from "../migrations.js";
 import { createNetworkAttacher, type NetworkAttacher } from "./attach.js";
+import { overlaps, parseCidr } from "./cidr.js";
 import { GONE, ip, netnsPath } from "./command.js";
 import { listNamespaces } from "./netns.js";
 import {
@@ -94,16 +95,23 @@ export interface TestNetwork {
   cleanup(): Promise<void>;
 }
 
-/** A /24 in 10.200.0.0–10.249.255.0 that no host route touches yet. */
+/**
+ * A /24 in 10.200.0.0–10.249.255.0 that overlaps no host route (prefix-aware: the platform
+ * tests' router routes all of 10.214.0.0/16).
+ */
 export async function freeTestCidr(): Promise<string> {
   const routes = JSON.parse(await ip(undefined, ["-j", "route", "show", "table", "all"])) as Array<{
     dst?: string;
   }>;
-  const used = new Set(routes.map((r) => r.dst?.split(".").slice(0, 3).join(".")));
+  const used = routes
+    .map((r) => r.dst)
+    .filter((d): d is string => !!d && /^\d+\.\d+\.\d+\.\d+(\/\d+)?$/.test(d))
+    .map((d) => parseCidr(d.includes("/") ? d : `${d}/32`, "host route", { anyLength: true }));
   for (;;) {
     const b = 200 + (randomBytes(1)[0]! % 50);
     const c = randomBytes(1)[0]!;
-    if (!used.has(`10.${b}.${c}`)) return `10.${b}.${c}.0/24`;
+    const candidate = parseCidr(`10.${b}.${c}.0/24`, "test network", { anyLength: true });
+    if (!used.some((u) => overlaps(u, candidate))) return candidate.text;
   }
 }
 
