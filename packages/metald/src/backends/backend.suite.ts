@@ -19,6 +19,7 @@ import { findHostKernel } from "../../../assetmanagerd/src/kernel/host-kernel.js
 import { buildInitramfs } from "../../../assetmanagerd/src/kernel/initramfs.js";
 import { buildExt4 } from "../../../builderd/src/rootfs/ext4.js";
 import { injectInit } from "../../../builderd/src/rootfs/init.js";
+import { httpGet, httpOutcome } from "../testing/http.js";
 import type { Backend, BackendHandle, VmNetworkSpec, VmSpec, WorkloadConfig } from "./backend.js";
 import { mountsUnder, unmountUnder } from "./mounts.js";
 import { isAlive, processStartTime, sleep } from "./process.js";
@@ -240,36 +241,6 @@ export async function freePort(): Promise<number> {
       srv.close(() => resolve(port));
     });
   });
-}
-
-export type HttpOutcome = { status: number; body: string } | "timeout" | "error";
-
-/** One GET: the response, or whether it hung ("timeout") or failed fast ("error"). */
-export async function httpOutcome(url: string, timeoutMs: number): Promise<HttpOutcome> {
-  try {
-    const res = await fetch(url, { signal: AbortSignal.timeout(timeoutMs) });
-    return { status: res.status, body: await res.text() };
-  } catch (err) {
-    return (err as Error).name === "TimeoutError" ? "timeout" : "error";
-  }
-}
-
-/**
- * A GET that retries fast connection failures (not hangs) a few times. gVisor with
- * `--network=host` hangs up on about one connection in seven to busybox httpd (a forking server),
- * paused or not; runc and QEMU never do. A client such as metald's ingress retries those, too.
- */
-export async function httpGet(
-  url: string,
-  timeoutMs: number,
-): Promise<{ status: number; body: string } | undefined> {
-  for (let attempt = 0; attempt < 5; attempt++) {
-    const out = await httpOutcome(url, timeoutMs);
-    if (typeof out === "object") return out;
-    if (out === "timeout") return undefined;
-    await sleep(20);
-  }
-  return undefined;
 }
 
 /** Polls until the URL answers 200; undefined on timeout. */

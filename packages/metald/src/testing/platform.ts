@@ -8,18 +8,15 @@ import { assetmanagerd } from "@kiln/assetmanagerd";
 import { builderd } from "@kiln/builderd";
 import { startTestService } from "@kiln/kit/testing";
 import { metald } from "../definition.js";
+import { httpGet } from "./http.js";
 
 export const headers = (tenant: string, tier = "pro") => ({
   headers: { "x-kiln-tenant-id": tenant, "x-kiln-tenant-tier": tier },
 });
 
+/** The body of a GET (fast connection failures retried: testing/http.ts), or undefined. */
 export async function get(url: string, timeoutMs = 2_000): Promise<string | undefined> {
-  try {
-    const res = await fetch(url, { signal: AbortSignal.timeout(timeoutMs) });
-    return await res.text();
-  } catch {
-    return undefined;
-  }
+  return (await httpGet(url, timeoutMs))?.body;
 }
 
 export async function until<T>(fn: () => Promise<T | undefined>, timeoutMs = 20_000): Promise<T> {
