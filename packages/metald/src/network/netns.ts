@@ -1,5 +1,5 @@
 import fs from "node:fs/promises";
-import { settleAll } from "@kiln/kit";
+import { pathExists, settleAll } from "@kiln/kit";
 import { EXISTS, GONE, ip, ipBatch, NetworkCommandError, netnsPath } from "./command.js";
 import type { VmNetworkNames } from "./names.js";
 import type { Router } from "./router.js";
@@ -29,11 +29,8 @@ export interface VmNamespaceSpec {
 }
 
 /** Whether the VM's namespace exists (pinned under /var/run/netns); starts no process. */
-export async function vmNamespaceExists(names: VmNetworkNames): Promise<boolean> {
-  return fs.access(netnsPath(names.netns)).then(
-    () => true,
-    () => false,
-  );
+export function vmNamespaceExists(names: VmNetworkNames): Promise<boolean> {
+  return pathExists(netnsPath(names.netns));
 }
 
 /**

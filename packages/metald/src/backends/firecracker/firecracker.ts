@@ -1,7 +1,7 @@
 import { createHash } from "node:crypto";
 import fs from "node:fs/promises";
 import path from "node:path";
-import { FailedPreconditionError, InvalidArgumentError } from "@kiln/kit";
+import { FailedPreconditionError, InvalidArgumentError, pathExists } from "@kiln/kit";
 import {
   type Backend,
   type BackendHandle,
@@ -172,7 +172,7 @@ export function createFirecrackerBackend(opts: FirecrackerBackendOptions = {}): 
     check(spec);
     const l = firecrackerLayout(spec.dir);
     await fs.mkdir(l.root, { recursive: true });
-    if (!(await exists(l.rootfs))) {
+    if (!(await pathExists(l.rootfs))) {
       const tmp = `${l.rootfs}.tmp`;
       await runCommand("cp", ["--reflink=auto", "--sparse=always", path.resolve(spec.rootfs), tmp], {
         timeoutMs: 600_000,
@@ -214,7 +214,7 @@ export function createFirecrackerBackend(opts: FirecrackerBackendOptions = {}): 
     const roots = await cgroupHierarchies();
     const has = async (controller: string) => {
       for (const r of roots) {
-        if (path.basename(r).split(",").includes(controller) && (await exists(path.join(r, parent))))
+        if (path.basename(r).split(",").includes(controller) && (await pathExists(path.join(r, parent))))
           return true;
       }
       return false;
@@ -470,11 +470,4 @@ export function createFirecrackerBackend(opts: FirecrackerBackendOptions = {}): 
       return out;
     },
   };
-}
-
-async function exists(p: string): Promise<boolean> {
-  return fs.stat(p).then(
-    () => true,
-    () => false,
-  );
 }

@@ -1,6 +1,12 @@
 import fs from "node:fs/promises";
 import path from "node:path";
-import { FailedPreconditionError, InternalError, InvalidArgumentError, resolveImageUser } from "@kiln/kit";
+import {
+  FailedPreconditionError,
+  InternalError,
+  InvalidArgumentError,
+  pathExists,
+  resolveImageUser,
+} from "@kiln/kit";
 import {
   type Backend,
   type BackendHandle,
@@ -220,7 +226,7 @@ export function createOciRuntimeBackend(rt: OciRuntime, opts: OciBackendOptions 
   /** The bundle CreateVm prepared, as long as its root is still mounted; else prepared again (host reboot). */
   async function prepared(spec: VmSpec): Promise<BundleLayout> {
     const l = bundleLayout(spec.dir, name);
-    const ready = (await overlayLower(l.merged)) !== undefined && (await exists(l.config));
+    const ready = (await overlayLower(l.merged)) !== undefined && (await pathExists(l.config));
     return ready ? l : prepare(spec);
   }
 
@@ -402,12 +408,6 @@ async function hardNofileLimit(): Promise<number> {
   if (!m || m[1] === "unlimited") return Number.MAX_SAFE_INTEGER;
   return Number(m[1]) || 1024;
 }
-
-const exists = (file: string) =>
-  fs.access(file).then(
-    () => true,
-    () => false,
-  );
 
 async function readJson<T>(file: string): Promise<T | undefined> {
   try {
