@@ -10,7 +10,8 @@ import { createSampler } from "./metering/sampler.js";
 import { createUsageForwarder } from "./metering/usage-forwarder.js";
 import { createMetaldMetrics } from "./metrics.js";
 import { migrations } from "./migrations.js";
-import { createNetworkAttacher } from "./network/attach.js";
+import { createNetworkAttacher, DEFAULT_NETNS_PREFIX } from "./network/attach.js";
+import { createNamespacePool } from "./network/netns-pool.js";
 import { addressLayout, createAddressPool, createPortPool, parsePortRange } from "./network/pool.js";
 import { createPortForwarder } from "./network/port-forward.js";
 import { createRouter } from "./network/router.js";
@@ -64,6 +65,13 @@ export const metald = defineService({
         attacher: createNetworkAttacher({
           router,
           pool: createAddressPool({ db: kdb, cidr: config.networkCidr }),
+          namespaces: createNamespacePool({
+            db: kdb,
+            router,
+            netnsPrefix: DEFAULT_NETNS_PREFIX,
+            size: config.netnsPoolSize,
+            log,
+          }),
         }),
         ports: createPortPool({
           db: kdb,

@@ -49,4 +49,15 @@ export const migrations: Migrations = {
         .execute();
     },
   },
+  // VM network namespaces made ahead of time (network/netns-pool.ts): a row exists before its
+  // namespace does, so start-up finds what a crash left unused.
+  "0002_netns_pool": {
+    async up(db) {
+      await db.schema
+        .createTable("netns_pool")
+        .addColumn("short_id", "text", (c) => c.primaryKey())
+        .addColumn("created_at", "bigint", (c) => c.notNull())
+        .execute();
+    },
+  },
 };

@@ -22,6 +22,7 @@ import { startTestRegistry } from "../../builderd/src/testing/registry.js";
 import type { VmSpec } from "./backends/backend.js";
 import { isAlive } from "./backends/process.js";
 import { createRuncBackend } from "./backends/runc.js";
+import { ip } from "./network/command.js";
 import { get, headers, leaks, startPlatform, until } from "./testing/platform.js";
 import { createVmStore, type MetaldDb } from "./vms/store.js";
 
@@ -192,6 +193,26 @@ describe("metald on runc", () => {
     await vms.deleteVm({ vmId: b.vmId }, headers("acme"));
     expect(leaks(a.vmId)).toEqual([]);
     expect(leaks(b.vmId)).toEqual([]);
+  });
+
+  it("gives new VMs namespaces made ahead of time, and removes the unused ones when it stops", async () => {
+    // VM namespaces are wired to the test router by their kv-<short id> interface.
+    const wired = async () =>
+      (JSON.parse(await ip("kiln-test", ["-j", "link", "show"])) as Array<{ ifname: string }>)
+        .map((l) => l.ifname)
+        .filter((n) => n.startsWith("kv-"));
+    const ready = await until(async () => {
+      const links = await wired();
+      return links.length >= 4 ? links : undefined; // UNKEY_METALD_NETNS_POOL_SIZE's default
+    });
+    const { vmId } = await vms.createVm({ config: { rootfsAssetId, backend: "runc" } }, headers("acme"));
+    expect(ready).toContain(`kv-${vmId.slice(-12)}`);
+    await p.metald.stop();
+    expect(await wired()).toEqual([`kv-${vmId.slice(-12)}`]);
+    p.metald = await p.startMetald();
+    vms = createClient(VmService, p.metald.service.transport);
+    await vms.deleteVm({ vmId }, headers("acme"));
+    expect(leaks(vmId)).toEqual([]);
   });
 
   it("undoes a boot cut off by a metald crash: nothing runs unaccounted, and the VM boots again", async () => {

@@ -1,7 +1,8 @@
-import { settleAll } from "@kiln/kit";
+import { newId, settleAll } from "@kiln/kit";
 import { netnsPath } from "./command.js";
 import { macAddress, vmNetworkNames } from "./names.js";
 import { type AttachMode, createVmNamespace, deleteVmNamespace, vmNamespaceExists } from "./netns.js";
+import type { NamespacePool } from "./netns-pool.js";
 import type { AddressPool } from "./pool.js";
 import type { Router } from "./router.js";
 
@@ -33,6 +34,14 @@ export interface AttachVm {
 }
 
 export interface NetworkAttacher {
+  /** A new VM id; with a namespace pool, one whose namespace is already made when one is ready. */
+  newVmId(): string;
+  /** Starts the namespace pool, if any (after the router is ensured; `vmIds`: the existing VMs). */
+  start(vmIds: readonly string[]): Promise<void>;
+  /** Stops the namespace pool and removes its unused namespaces. */
+  stop(): Promise<void>;
+  /** Namespaces made ahead of time and not used yet (leak checks leave them out). */
+  pooled(): string[];
   /**
    * The VM's network without touching the host: allocates its address (or reuses its
    * allocation) and names its objects, so the rest of a VM can be prepared while `wire` runs.
@@ -40,7 +49,6 @@ export interface NetworkAttacher {
   plan(vm: AttachVm, opts: { mode: AttachMode }): Promise<VmNetwork>;
   /** Creates or repairs the planned namespace and applies the egress policy. Idempotent. */
   wire(vm: AttachVm, network: VmNetwork): Promise<void>;
-  /** `plan` then `wire`. */
   /**
    * Allocates the VM's address (or reuses its allocation), creates or repairs its namespace and
    * applies its egress policy. Idempotent: re-attaching a running VM after a restart changes
@@ -60,6 +68,8 @@ export interface NetworkAttacherDeps {
   netnsPrefix?: string;
   /** Resolver handed to guests, if the operator provides one reachable from VMs. */
   dns?: string;
+  /** Namespaces made ahead of time (see netns-pool.ts), with the same prefix and router. */
+  namespaces?: NamespacePool;
 }
 
 export const DEFAULT_NETNS_PREFIX = "kiln-";
@@ -74,9 +84,21 @@ export function createNetworkAttacher(deps: NetworkAttacherDeps): NetworkAttache
   const prefix = deps.netnsPrefix ?? DEFAULT_NETNS_PREFIX;
   const namesOf = (vmId: string) => vmNetworkNames(vmId, prefix);
 
+  const namespaces = deps.namespaces;
+  if (namespaces && (namespaces.netnsPrefix !== prefix || namespaces.router !== router)) {
+    throw new Error("the namespace pool must use the attacher's router and namespace prefix");
+  }
   return {
     plan,
     wire,
+    newVmId: () => newId("vm", namespaces?.take()),
+    async start(vmIds) {
+      await namespaces?.start(new Set(vmIds.map((id) => namesOf(id).short)));
+    },
+    async stop() {
+      await namespaces?.stop();
+    },
+    pooled: () => (namespaces?.idle() ?? []).map((short) => `${prefix}${short}`),
     async attach(vm, opts) {
       const network = await plan(vm, opts);
       await wire(vm, network);
@@ -114,12 +136,17 @@ export function createNetworkAttacher(deps: NetworkAttacherDeps): NetworkAttache
 
   async function wire(vm: AttachVm, network: VmNetwork): Promise<void> {
     const names = namesOf(vm.vmId);
-    const fresh = !(await vmNamespaceExists(names));
+    const state = namespaces?.claim(names.short)
+      ? "pooled"
+      : (await vmNamespaceExists(names))
+        ? "exists"
+        : "absent";
+    const fresh = state !== "exists";
     const spec = { names, guestIp: network.guestIp, macAddress: network.macAddress, mode: network.mode };
-    // A new namespace gets a new router interface, which no rule names yet: its rule is added
-    // while the namespace is made (iptables matches interfaces by name, present or not).
+    // A new (or pooled) namespace has a new router interface, which no rule names yet: its rule
+    // is added while the namespace is made (iptables matches interfaces by name, present or not).
     await settleAll([
-      createVmNamespace(router, spec, { fresh }),
+      createVmNamespace(router, spec, state),
       router.egress().setAllowed(names.hostVeth, vm.egressAllowed, { fresh }),
     ]);
   }

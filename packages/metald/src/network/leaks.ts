@@ -34,13 +34,19 @@ export interface LeakSources {
   forwarder?: PortForwarder;
   addressPool?: AddressPool;
   portPool?: PortPool;
+  /** Namespaces made ahead of time, not a VM's yet (NetworkAttacher.pooled): not leaks. */
+  pooled?: () => string[];
 }
 
 export async function listKilnResources(src: LeakSources): Promise<KilnResources> {
   const router = src.router && (await src.router.exists()) ? src.router : undefined;
+  const pooled = new Set(src.pooled?.() ?? []);
+  const pooledLinks = new Set([...pooled].map((n) => `kv-${n.slice(src.netnsPrefix.length)}`));
   return {
-    netns: (await listNamespaces(src.netnsPrefix)).filter((n) => n !== src.router?.name),
-    routerInterfaces: router ? (await router.interfaces()).filter((i) => i.startsWith("kv-")).sort() : [],
+    netns: (await listNamespaces(src.netnsPrefix)).filter((n) => n !== src.router?.name && !pooled.has(n)),
+    routerInterfaces: router
+      ? (await router.interfaces()).filter((i) => i.startsWith("kv-") && !pooledLinks.has(i)).sort()
+      : [],
     egressRules: router
       ? // A read-only view: works whether or not this process ensured the router.
         (

@@ -38,7 +38,11 @@ export interface VmNetworkNames {
 }
 
 export function vmNetworkNames(vmId: string, netnsPrefix: string): VmNetworkNames {
-  const short = shortId(vmId);
+  return networkNamesOf(shortId(vmId), netnsPrefix);
+}
+
+/** The names for a short id (see shortId). */
+export function networkNamesOf(short: string, netnsPrefix: string): VmNetworkNames {
   return {
     short,
     netns: `${netnsPrefix}${short}`,

@@ -34,33 +34,56 @@ export function vmNamespaceExists(names: VmNetworkNames): Promise<boolean> {
 }
 
 /**
- * Creates the VM's namespace (`fresh`: it does not exist yet, see vmNamespaceExists), or repairs
- * a half-made one. A new namespace takes two steps of `ip` processes (each ~5 ms, and CreateVm
- * waits for them): one makes the namespace and the veth pair with each end already in its
- * namespace, then both sides are configured at once. An existing one is checked and repaired
- * step by step.
+ * How far a VM's namespace already exists: `absent` (see vmNamespaceExists), `pooled` (made
+ * ahead of time by prepareVmNamespace and not used by anything since), or `exists` (possibly
+ * half-made by a crash, or a running VM's: checked and repaired).
+ */
+export type NamespaceState = "absent" | "pooled" | "exists";
+
+/**
+ * Creates the VM's namespace, or finishes a pooled one, or repairs a half-made one. A new
+ * namespace takes two steps of `ip` processes (each ~5 ms, and CreateVm waits for them): one
+ * makes the namespace and the veth pair with each end already in its namespace, then both sides
+ * are configured at once. A pooled one only needs the second step. An existing one is checked
+ * and repaired step by step.
  */
 export async function createVmNamespace(
   router: Router,
   spec: VmNamespaceSpec,
-  { fresh }: { fresh: boolean },
+  state: NamespaceState,
 ): Promise<void> {
   const { names } = spec;
   const repair = async () => {
     await repairVmNamespace(router, spec);
     await ipBatch(router.name, routerSide(router, spec));
   };
-  if (!fresh) return repair();
-  try {
-    await makeNamespaceAndLink(router, names);
-  } catch (err) {
-    // Made meanwhile (a concurrent attach of the same VM): repair instead.
-    if (err instanceof NetworkCommandError && EXISTS.test(err.stderr)) return repair();
-    throw err;
+  if (state === "exists") return repair();
+  if (state === "absent") {
+    try {
+      await makeNamespaceAndLink(router, names);
+    } catch (err) {
+      // Made meanwhile (a concurrent attach of the same VM): repair instead.
+      if (err instanceof NetworkCommandError && EXISTS.test(err.stderr)) return repair();
+      throw err;
+    }
   }
   await settleAll([
     ipBatch(names.netns, [["link", "set", "lo", "up"], ...guestSide(router, spec)]),
     ipBatch(router.name, routerSide(router, spec)),
+  ]);
+}
+
+/**
+ * The part of a VM's namespace that does not depend on the VM: the namespace, its veth pair to
+ * the router, and the router's end up and answering. A pool makes these ahead of time, so
+ * CreateVm only runs createVmNamespace's second step. The router end carries no egress rule, so
+ * nothing behind it gets out until a VM's policy is applied.
+ */
+export async function prepareVmNamespace(router: Router, names: VmNetworkNames): Promise<void> {
+  await makeNamespaceAndLink(router, names);
+  await settleAll([
+    ip(names.netns, ["link", "set", "lo", "up"]),
+    ipBatch(router.name, routerLink(router, names)),
   ]);
 }
 
@@ -145,14 +168,21 @@ function guestSide(router: Router, spec: VmNamespaceSpec, opts: { devicesExist?:
 
 /** The router's side of the VM's link: idempotent lines run in the router namespace. */
 function routerSide(router: Router, spec: VmNamespaceSpec): string[][] {
-  const { hostVeth } = spec.names;
+  return [
+    ...routerLink(router, spec.names),
+    ["route", "replace", `${spec.guestIp}/32`, "dev", spec.names.hostVeth],
+  ];
+}
+
+/** The router's end of a VM link, up and answering, before any address is routed to it. */
+function routerLink(router: Router, names: VmNetworkNames): string[][] {
+  const { hostVeth } = names;
   return [
     ["addr", "replace", `${router.layout.gateway}/32`, "dev", hostVeth],
     ["link", "set", hostVeth, "up"],
     // Answer the VM's proxy ARP at once: the kernel's default waits a random 0-0.8 s, which the
     // VM's first reply to the host (inside its /16, behind the router) would sit out.
     ["ntable", "change", "name", "arp_cache", "dev", hostVeth, "proxy_delay", "0"],
-    ["route", "replace", `${spec.guestIp}/32`, "dev", hostVeth],
   ];
 }
 

@@ -16,6 +16,7 @@ import { createNetworkAttacher, type NetworkAttacher } from "./attach.js";
 import { overlaps, parseCidr } from "./cidr.js";
 import { GONE, ip, netnsPath } from "./command.js";
 import { listNamespaces } from "./netns.js";
+import type { NamespacePoolTables } from "./netns-pool.js";
 import {
   type AddressLayout,
   type AddressPool,
@@ -37,7 +38,7 @@ interface VmsTable {
   };
 }
 
-export type TestSchema = NetworkTables & VmsTable;
+export type TestSchema = NetworkTables & NamespacePoolTables & VmsTable;
 
 export interface TestDb {
   database: Database<TestSchema>;

@@ -7,7 +7,6 @@ import {
   type LimitsResolver,
   type Logger,
   NotFoundError,
-  newId,
   ResourceExhaustedError,
   settleAll,
   type TenantContext,
@@ -238,7 +237,7 @@ export function createVmManager(deps: VmManagerDeps) {
         }
         const backendName = await deps.backends.choose(req.backend || deps.settings.defaultBackend);
         const backend = deps.backends.get(backendName);
-        const vmId = newId("vm");
+        const vmId = deps.network.attacher.newVmId();
         const now = Date.now();
         const row: VmRow = {
           vm_id: vmId,
@@ -535,7 +534,8 @@ export function createVmManager(deps: VmManagerDeps) {
       await deps.network.router.ensure();
       let adopted = 0;
       let lost = 0;
-      for (const row of await store.all()) {
+      const rows = await store.all();
+      for (const row of rows) {
         if (row.runtime_json === "{}") continue;
         const rt = runtimeOf(row);
         const backend = deps.backends.get(row.backend as BackendName);
@@ -594,6 +594,7 @@ export function createVmManager(deps: VmManagerDeps) {
           });
         }
       }
+      await deps.network.attacher.start(rows.map((r) => r.vm_id));
       return { adopted, lost };
     },
 
@@ -601,6 +602,7 @@ export function createVmManager(deps: VmManagerDeps) {
     async stop(): Promise<void> {
       deps.sampler.stop();
       await deps.network.forwarder.close();
+      await deps.network.attacher.stop();
     },
   };
 }

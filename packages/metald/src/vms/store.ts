@@ -1,4 +1,5 @@
 import type { Kysely, Selectable } from "kysely";
+import type { NamespacePoolTables } from "../network/netns-pool.js";
 import type { NetworkTables } from "../network/pool.js";
 import type { VmState } from "./lifecycle.js";
 
@@ -32,7 +33,7 @@ export interface DeploymentsTable {
   updated_at: number;
 }
 
-export interface MetaldDb extends NetworkTables {
+export interface MetaldDb extends NetworkTables, NamespacePoolTables {
   vms: VmsTable;
   deployments: DeploymentsTable;
 }
