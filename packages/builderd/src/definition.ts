@@ -4,8 +4,9 @@ import type { Kysely } from "kysely";
 import { createRootfsAssets } from "./builds/assets.js";
 import { createBuildEvents } from "./builds/events.js";
 import { createBuildManager } from "./builds/manager.js";
-import { layerCacheDir } from "./builds/paths.js";
+import { layerCacheDir, trashDir } from "./builds/paths.js";
 import { type BuilderDb, createBuildStore } from "./builds/store.js";
+import { createTrash } from "./builds/trash.js";
 import { createLayerCache } from "./cache/layer-cache.js";
 import { settings } from "./config.js";
 import { createLayerApplier } from "./extract/layer-applier.js";
@@ -36,6 +37,7 @@ export const builderd = defineService({
         return cache;
       },
       applier: createLayerApplier(),
+      trash: createTrash(trashDir(dataDir), log),
       settings: {
         maxConcurrentBuilds: config.maxConcurrentBuilds,
         layerConcurrency: config.layerDownloadConcurrency,

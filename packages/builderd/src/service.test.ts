@@ -207,9 +207,15 @@ describe("builderd", () => {
     });
     expect(asset?.labels.docker_image).toBe(image("app:1"));
     expect(asset?.imageConfig?.command).toEqual(appConfig.Cmd);
-    expect(
-      fs.existsSync(path.join(svc.dataDir, "tenants", "acme", "builds", build.buildId, "rootfs.ext4")),
-    ).toBe(false);
+    const buildDir = path.join(svc.dataDir, "tenants", "acme", "builds", build.buildId);
+    expect(fs.existsSync(path.join(buildDir, "rootfs.ext4"))).toBe(false);
+    // The extracted tree left the build dir before the build completed, and its deletion,
+    // which went on in the background, ends.
+    expect(fs.existsSync(path.join(buildDir, "rootfs"))).toBe(false);
+    expect(fs.existsSync(path.join(buildDir, "temp"))).toBe(false);
+    await expect
+      .poll(() => fs.readdirSync(path.join(svc.dataDir, "tenants", ".trash")), { timeout: 10_000 })
+      .toEqual([]);
     expect(build.imageMetadata).toMatchObject({
       command: appConfig.Cmd,
       env: { PATH: "/bin", GREETING: "hi" },
@@ -481,6 +487,10 @@ describe("builderd crash recovery", () => {
       await expect.poll(() => gate.held(), { timeout: 20_000 }).toBeGreaterThan(0);
       child.kill("SIGKILL");
       await new Promise((r) => child.once("exit", r));
+      // A finished build's tree the killed process was still deleting in the background.
+      const leftover = path.join(dir.path, "tenants", ".trash", "rootfs-0123456789ab");
+      fs.mkdirSync(path.join(leftover, "etc"), { recursive: true });
+      fs.writeFileSync(path.join(leftover, "etc", "passwd"), "root:x:0:0::/:/bin/sh\n");
 
       const svc = await startTestServiceOn(dir.path, gate.host);
       try {
@@ -495,6 +505,7 @@ describe("builderd crash recovery", () => {
         expect(build?.state).toBe(S.FAILED);
         expect(build?.errorMessage).toMatch(/^interrupted: builderd stopped while the build was PULLING/);
         expect(fs.existsSync(path.join(dir.path, "tenants", "acme", "builds", buildId))).toBe(false);
+        expect(fs.readdirSync(path.join(dir.path, "tenants", ".trash"))).toEqual([]);
       } finally {
         await svc.service.stop();
       }

@@ -23,6 +23,7 @@ import { type BuildOutput, type BuildSpec, runPipeline } from "./pipeline.js";
 import { ACTIVE, type BuildState, isTerminal, predecessors } from "./states.js";
 import type { BuildRow, BuildStore } from "./store.js";
 import { createThrottle } from "./throttle.js";
+import type { Trash } from "./trash.js";
 
 export interface BuildSettings {
   /** Builds running at once on this builderd (all tenants); more wait as PENDING. */
@@ -43,6 +44,8 @@ export interface BuildManagerDeps {
   limits: LimitsResolver;
   cacheFor(tenantId: string): LayerCache;
   applier: LayerApplier;
+  /** Where finished builds' extracted trees are deleted in the background. */
+  trash: Trash;
   settings: BuildSettings;
   metrics: BuilderMetrics;
   log: Logger;
@@ -208,6 +211,7 @@ export function createBuildManager(deps: BuildManagerDeps) {
         layerConcurrency: deps.settings.layerConcurrency,
         tiniPath: deps.settings.tiniPath,
         busyboxPath: deps.settings.busyboxPath,
+        discard: (dir) => deps.trash.discard(dir),
         checksum: !deps.assets,
         log: blog,
         signal: abort.signal,
@@ -539,9 +543,11 @@ export function createBuildManager(deps: BuildManagerDeps) {
           "failed a build interrupted by a restart",
         );
       }
-      // Downloads cut off by the crash left temp files in the tenants' layer caches.
+      // Downloads cut off by the crash left temp files in the tenants' layer caches, and
+      // trees still being deleted are in the trash.
       const tenants = await fs.readdir(path.join(deps.dataDir, "tenants")).catch(() => [] as string[]);
-      for (const t of tenants) await deps.cacheFor(t).cleanup();
+      for (const t of tenants) if (!t.startsWith(".")) await deps.cacheFor(t).cleanup();
+      await deps.trash.sweep();
       return left.length;
     },
 
@@ -558,6 +564,7 @@ export function createBuildManager(deps: BuildManagerDeps) {
         r.abort.abort(new StopReason("shutdown", "interrupted: builderd stopped; start it again"));
       await Promise.all([...running.values()].map((r) => r.done));
       await deps.applier.close();
+      await deps.trash.drain();
     },
   };
 }

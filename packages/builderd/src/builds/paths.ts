@@ -9,6 +9,11 @@ export function layerCacheDir(dataDir: string, tenantId: string): string {
   return path.join(tenantDir(dataDir, tenantId), "cache", "blobs");
 }
 
+/** Finished builds' trees wait here to be deleted in the background (builds/trash.ts). */
+export function trashDir(dataDir: string): string {
+  return path.join(dataDir, "tenants", ".trash");
+}
+
 export interface BuildPaths {
   root: string;
   /** The image's filesystem being assembled. Removed once the ext4 image exists. */

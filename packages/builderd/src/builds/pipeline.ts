@@ -80,6 +80,8 @@ export interface PipelineDeps {
   layerConcurrency: number;
   tiniPath: string;
   busyboxPath: string;
+  /** Removes a directory in the background (the extracted tree, once it is in the image). */
+  discard(dir: string): Promise<void>;
   /** Hash the ext4 image here; off when assetmanagerd hashes it while registering it. */
   checksum: boolean;
   log: Logger;
@@ -286,9 +288,10 @@ export async function runPipeline(spec: BuildSpec, deps: PipelineDeps): Promise<
       throw new RootfsTooLargeError(ext4.sizeBytes, spec.optimization.maxSizeBytes);
     }
     report.log("info", "mkfs", `ext4 image ${ext4.sha256 ?? "made"}`, { bytes: ext4.sizeBytes });
-    // The tree is now inside the image; keep only the artifact and metadata.
-    await fsp.rm(paths.rootfs, { recursive: true, force: true });
-    await fsp.rm(paths.temp, { recursive: true, force: true });
+    // The tree is now inside the image; keep only the artifact and metadata. Deleting its
+    // inodes goes on in the background, while the image is registered.
+    await deps.discard(paths.rootfs);
+    await deps.discard(paths.temp);
     const optimizeDurationMs = performance.now() - tOptimize;
 
     return {

@@ -1,0 +1,77 @@
+import fs from "node:fs";
+import path from "node:path";
+import { createLogger } from "@kiln/kit";
+import { tempDir } from "@kiln/kit/testing";
+import { afterEach, describe, expect, it } from "vitest";
+import { createTrash } from "./trash.js";
+
+const log = createLogger({ service: "builderd", level: "silent" });
+
+/** A directory tree of `files` files in nested directories. */
+function tree(root: string, files: number): void {
+  for (let i = 0; i < files; i++) {
+    const dir = path.join(root, `d${i % 7}`, `e${i % 3}`);
+    fs.mkdirSync(dir, { recursive: true });
+    fs.writeFileSync(path.join(dir, `f${i}`), "x".repeat(i));
+  }
+}
+
+describe("trash", () => {
+  const dirs: Array<{ remove(): void }> = [];
+  const fresh = () => {
+    const d = tempDir("kiln-trash-");
+    dirs.push(d);
+    return { dir: d.path, trashDir: path.join(d.path, ".trash") };
+  };
+  afterEach(() => {
+    for (const d of dirs.splice(0)) d.remove();
+  });
+
+  it("frees the directory's path at once and deletes its content in the background", async () => {
+    const { dir, trashDir } = fresh();
+    const target = path.join(dir, "build", "rootfs");
+    tree(target, 200);
+    const trash = createTrash(trashDir, log);
+    await trash.discard(target);
+    expect(fs.existsSync(target)).toBe(false);
+    // A new tree can take the path while the old one is still being deleted.
+    fs.mkdirSync(target);
+    await trash.drain();
+    expect(fs.readdirSync(trashDir)).toEqual([]);
+    expect(fs.existsSync(target)).toBe(true);
+  });
+
+  it("accepts a directory that does not exist", async () => {
+    const { dir, trashDir } = fresh();
+    const trash = createTrash(trashDir, log);
+    await trash.discard(path.join(dir, "missing"));
+    await trash.drain();
+    expect(fs.readdirSync(trashDir)).toEqual([]);
+  });
+
+  it("keeps two discarded directories of the same name apart", async () => {
+    const { dir, trashDir } = fresh();
+    const trash = createTrash(trashDir, log);
+    for (const b of ["a", "b"]) {
+      tree(path.join(dir, b, "rootfs"), 5);
+      await trash.discard(path.join(dir, b, "rootfs"));
+    }
+    await trash.drain();
+    expect(fs.readdirSync(trashDir)).toEqual([]);
+    expect(fs.readdirSync(path.join(dir, "a"))).toEqual([]);
+  });
+
+  it("deletes at start-up what a crashed process left in the trash", async () => {
+    const { trashDir } = fresh();
+    tree(path.join(trashDir, "rootfs-0123456789ab"), 20);
+    tree(path.join(trashDir, "temp-ba9876543210"), 3);
+    await createTrash(trashDir, log).sweep();
+    expect(fs.readdirSync(trashDir)).toEqual([]);
+  });
+
+  it("sweeps nothing when there is no trash yet", async () => {
+    const { trashDir } = fresh();
+    await createTrash(trashDir, log).sweep();
+    expect(fs.existsSync(trashDir)).toBe(false);
+  });
+});

@@ -1,0 +1,75 @@
+import { randomBytes } from "node:crypto";
+import fsp from "node:fs/promises";
+import path from "node:path";
+import type { Logger } from "@kiln/kit";
+
+/**
+ * Directories removed without waiting for it. `discard` renames a directory into the trash
+ * (same filesystem: atomic and instant, so its old path is free at once) and deletes it in the
+ * background — a finished build's extracted tree is thousands of inodes, and deleting them need
+ * not delay the build's result. A crash leaves at most entries in the trash, which `sweep`
+ * deletes at start-up; `drain` waits for the deletions under way (graceful stop, tests).
+ */
+export interface Trash {
+  /** Moves `dir` out of the way and deletes it in the background; a missing `dir` is fine. */
+  discard(dir: string): Promise<void>;
+  /** Resolves once every deletion started so far has ended. */
+  drain(): Promise<void>;
+  /** Deletes whatever an earlier process left in the trash. */
+  sweep(): Promise<void>;
+}
+
+export function createTrash(dir: string, log: Logger): Trash {
+  const pending = new Set<Promise<void>>();
+  let made: Promise<unknown> | undefined;
+
+  const drain = async () => {
+    while (pending.size > 0) await Promise.all([...pending]);
+  };
+  const remove = (target: string) => {
+    const p = fsp
+      .rm(target, { recursive: true, force: true })
+      .catch((err: unknown) =>
+        log.warn({ err, path: target }, "could not delete from the trash; retried at start-up"),
+      )
+      .finally(() => pending.delete(p));
+    pending.add(p);
+  };
+
+  return {
+    async discard(target) {
+      made ??= fsp.mkdir(dir, { recursive: true, mode: 0o700 });
+      try {
+        await made;
+      } catch (err) {
+        made = undefined;
+        throw err;
+      }
+      const dest = path.join(dir, `${path.basename(target)}-${randomBytes(6).toString("hex")}`);
+      try {
+        await fsp.rename(target, dest);
+      } catch (err) {
+        const code = (err as NodeJS.ErrnoException).code;
+        if (code === "ENOENT") return;
+        // On another filesystem than the trash: delete it where it is, waiting for it.
+        if (code === "EXDEV") return fsp.rm(target, { recursive: true, force: true });
+        throw err;
+      }
+      remove(dest);
+    },
+
+    drain,
+
+    async sweep() {
+      let names: string[];
+      try {
+        names = await fsp.readdir(dir);
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code === "ENOENT") return;
+        throw err;
+      }
+      for (const name of names) remove(path.join(dir, name));
+      await drain();
+    },
+  };
+}
