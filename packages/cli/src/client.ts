@@ -29,6 +29,11 @@ export interface CliContext {
   readonly tier: string;
   readonly json: boolean;
   transport(service: ServiceName): Transport;
+  /**
+   * Where a service listens and the headers a call to it carries (tenant and service token), for
+   * clients that speak the protocol themselves (`uploadAssetFile`).
+   */
+  endpoint(service: ServiceName): { baseUrl: string; headers: Record<string, string> };
   /** Call options acting for the tenant. */
   readonly callOptions: { headers: Record<string, string> };
 }
@@ -43,33 +48,43 @@ export function createCliContext(
   let token = env.KILN_SERVICE_TOKEN;
   const tokenFile = path.join(dataDir, "service-token");
   const transports = new Map<ServiceName, Transport>();
+  const callOptions = { headers: { [HEADERS.tenantId]: tenant, [HEADERS.tenantTier]: tier } };
+  const serviceToken = () => {
+    if (!token) {
+      try {
+        token = fs.readFileSync(tokenFile, "utf8").trim();
+      } catch {
+        throw new Error(
+          `no service token: ${tokenFile} is missing. Start Kiln first (\`kiln up\`), pass --data-dir, or set KILN_SERVICE_TOKEN`,
+        );
+      }
+    }
+    return token;
+  };
+  const baseUrl = (service: ServiceName) => {
+    const port = env[`UNKEY_${service.toUpperCase()}_PORT`] ?? String(DEFAULT_PORTS[service]);
+    return env[`KILN_${service.toUpperCase()}_URL`] ?? `http://127.0.0.1:${port}`;
+  };
   return {
     tenant,
     tier,
     json: opts.json === true,
-    callOptions: { headers: { [HEADERS.tenantId]: tenant, [HEADERS.tenantTier]: tier } },
+    callOptions,
     transport(service) {
       let t = transports.get(service);
       if (!t) {
-        if (!token) {
-          try {
-            token = fs.readFileSync(tokenFile, "utf8").trim();
-          } catch {
-            throw new Error(
-              `no service token: ${tokenFile} is missing. Start Kiln first (\`kiln up\`), pass --data-dir, or set KILN_SERVICE_TOKEN`,
-            );
-          }
-        }
-        const port = env[`UNKEY_${service.toUpperCase()}_PORT`] ?? String(DEFAULT_PORTS[service]);
-        const baseUrl = env[`KILN_${service.toUpperCase()}_URL`] ?? `http://127.0.0.1:${port}`;
         t = createConnectTransport({
-          baseUrl,
+          baseUrl: baseUrl(service),
           httpVersion: "1.1",
-          interceptors: [internalClientInterceptor(token)],
+          interceptors: [internalClientInterceptor(serviceToken())],
         });
         transports.set(service, t);
       }
       return t;
+    },
+    endpoint(service) {
+      const headers = { ...callOptions.headers, [HEADERS.serviceToken]: serviceToken() };
+      return { baseUrl: baseUrl(service), headers };
     },
   };
 }

@@ -5,7 +5,7 @@ import path from "node:path";
 import { toJson } from "@bufbuild/protobuf";
 import { timestampDate } from "@bufbuild/protobuf/wkt";
 import { type AssetManagerClient, assetmanagerd as api, createAssetManagerClient } from "@kiln/api";
-import { buildInitramfs, findHostKernel } from "@kiln/assetmanagerd";
+import { buildInitramfs, findHostKernel, uploadAssetFile } from "@kiln/assetmanagerd";
 import { Command } from "commander";
 import { type CliContext, contextOf } from "../client.js";
 import { printJson, printRows } from "../output.js";
@@ -289,19 +289,18 @@ async function importFile(
   );
   const same = existing.assets.find((a) => a.checksum === checksum);
   if (same) return { asset: same, reused: true };
-  const sizeBytes = BigInt(fs.statSync(f.file).size);
-  async function* requests() {
-    yield {
-      data: {
-        case: "metadata" as const,
-        value: { name: f.name, type: f.type, labels: f.labels, checksum, sizeBytes },
-      },
-    };
-    for await (const chunk of fs.createReadStream(f.file, { highWaterMark: 1024 * 1024 })) {
-      yield { data: { case: "chunk" as const, value: chunk as Buffer } };
-    }
-  }
-  const res = await assets.uploadAsset(requests(), ctx.callOptions);
+  // The file's size is declared from the file and its bytes read straight into the request
+  // frames (no per-chunk copies): see uploadAssetFile.
+  const res = await uploadAssetFile(
+    ctx.endpoint("assetmanagerd"),
+    {
+      name: f.name,
+      type: f.type,
+      labels: f.labels,
+      checksum,
+    },
+    f.file,
+  );
   if (!res.asset) throw new Error(`uploading ${f.file} returned no asset`);
   return { asset: res.asset, reused: false };
 }
