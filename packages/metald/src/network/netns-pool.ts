@@ -42,7 +42,10 @@ export interface NamespacePoolDeps<DB extends NamespacePoolTables = NamespacePoo
   router: Router;
   netnsPrefix: string;
   size: number;
-  /** Wait after a take() before refilling, so the refill does not compete with the VM being made (default 200 ms). */
+  /**
+   * Quiet time after the last take() before refilling (default 1 s), so the refill does not compete
+   * with the VMs being created and booted: a burst drains the pool and refills after it.
+   */
   refillDelayMs?: number;
   log: Logger;
   now?: () => number;
@@ -54,7 +57,7 @@ export function createNamespacePool<DB extends NamespacePoolTables>(
   const db = deps.db as unknown as Kysely<NamespacePoolTables>;
   const { router, netnsPrefix, size, log } = deps;
   const now = deps.now ?? Date.now;
-  const refillDelayMs = deps.refillDelayMs ?? 200;
+  const refillDelayMs = deps.refillDelayMs ?? 1_000;
   const ready: string[] = [];
   const taken = new Set<string>();
   let running = false;
