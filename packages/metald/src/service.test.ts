@@ -13,8 +13,15 @@ import {
   createRouterTransport,
   type ServiceImpl,
 } from "@connectrpc/connect";
-import { metald as api, BillingService, BuilderService, type billaged, VmService } from "@kiln/api";
-import { openDatabase } from "@kiln/kit";
+import {
+  AssetManagerService,
+  metald as api,
+  BillingService,
+  BuilderService,
+  type billaged,
+  VmService,
+} from "@kiln/api";
+import { newId, openDatabase } from "@kiln/kit";
 import { tempDir } from "@kiln/kit/testing";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { HTTPD_INDEX, pushBusyboxHttpd } from "../../builderd/src/testing/images.js";
@@ -240,6 +247,59 @@ describe("metald on runc", () => {
     expect(await until(() => get(url))).toBe(HTTPD_INDEX);
     await vms.deleteVm({ vmId: c.vmId }, headers("acme"));
     expect(leaks(c.vmId)).toEqual([]);
+  });
+
+  it("undoes a creation cut off by a metald crash: nothing leaks, leases are released, the VM is FAILED", async () => {
+    await p.metald.stop();
+    // What a metald killed inside CreateVm leaves: the row without a runtime, the lease it had
+    // recorded, and part of the VM's namespace, cgroup and directory.
+    const vmId = newId("vm");
+    const assets = createClient(AssetManagerService, p.assets.service.transport);
+    const refs = async () =>
+      (await assets.getAsset({ id: rootfsAssetId }, headers("acme"))).asset!.referenceCount;
+    const before = await refs();
+    const { leaseId } = await assets.acquireAsset(
+      { assetId: rootfsAssetId, holder: `metald:${vmId}` },
+      headers("acme"),
+    );
+    const db = openDatabase<MetaldDb>({
+      url: "",
+      defaultSqlitePath: path.join(work.path, "data", "db", "metald.sqlite"),
+    });
+    await createVmStore(db.db).insert({
+      vm_id: vmId,
+      tenant_id: "acme",
+      state: "created",
+      backend: "runc",
+      config_json: "{}",
+      deployment_id: null,
+      failure_reason: "",
+      pid: null,
+      pid_start_time: null,
+      runtime_json: JSON.stringify({ tier: "pro", leases: [{ assetId: rootfsAssetId, leaseId }] }),
+      created_at: Date.now(),
+      updated_at: Date.now(),
+      booted_at: null,
+    });
+    await db.close();
+    await ip(undefined, ["netns", "add", `kiln-${vmId.slice(-12)}`]);
+    fs.mkdirSync(`/sys/fs/cgroup/memory/kiln/acme/${vmId}`, { recursive: true });
+    fs.mkdirSync(path.join(work.path, "data", "vms", vmId, "assets"), { recursive: true });
+    expect(leaks(vmId)).toHaveLength(2);
+    expect(await refs()).toBe(before + 1);
+
+    p.metald = await p.startMetald();
+    vms = createClient(VmService, p.metald.service.transport);
+    const vm = (await vms.getVmInfo({ vmId }, headers("acme"))).vm!;
+    expect(vm.state).toBe(S.FAILED);
+    expect(vm.failureReason).toMatch(/creation was cut off by a metald restart/);
+    expect(leaks(vmId)).toEqual([]);
+    expect(await refs()).toBe(before);
+    expect(fs.existsSync(path.join(work.path, "data", "vms", vmId))).toBe(false);
+    const boot = await vms.bootVm({ vmId }, headers("acme")).catch((e) => ConnectError.from(e));
+    expect((boot as ConnectError).code).toBe(Code.FailedPrecondition);
+    await vms.deleteVm({ vmId }, headers("acme"));
+    expect((await vms.listVms({}, headers("acme"))).vms.map((v) => v.vmId)).not.toContain(vmId);
   });
 
   it("hands starts, 100 ms usage samples in batches, and stops to billaged", async () => {

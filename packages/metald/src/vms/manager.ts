@@ -2,6 +2,7 @@ import fs from "node:fs/promises";
 import path from "node:path";
 import {
   createKeyedLock,
+  FailedPreconditionError,
   InternalError,
   InvalidArgumentError,
   type LimitsResolver,
@@ -129,11 +130,26 @@ export function createVmManager(deps: VmManagerDeps) {
     return row;
   }
 
-  const runtimeOf = (row: VmRow): VmRuntime => JSON.parse(row.runtime_json) as VmRuntime;
-  const tenantOf = (row: VmRow): TenantContext => {
-    const tier = row.runtime_json === "{}" ? "free" : (runtimeOf(row).tier ?? "free");
-    return { tenantId: row.tenant_id, tier };
+  /** What the row holds so far: CreateVm records its leases first and the rest at its end. */
+  const partialRuntimeOf = (row: VmRow) => JSON.parse(row.runtime_json) as Partial<VmRuntime>;
+  /** The VM's runtime once CreateVm finished; undefined while it runs (or a crash cut it off). */
+  const runtimeOf = (row: VmRow): VmRuntime | undefined => {
+    const rt = partialRuntimeOf(row);
+    return rt.spec ? (rt as VmRuntime) : undefined;
   };
+  const createdRuntimeOf = (row: VmRow): VmRuntime => {
+    const rt = runtimeOf(row);
+    if (rt) return rt;
+    throw new FailedPreconditionError(
+      row.state === "failed"
+        ? `VM ${row.vm_id} is FAILED: ${row.failure_reason}`
+        : `VM ${row.vm_id} is still being created; retry when CreateVm has returned`,
+    );
+  };
+  const tenantOf = (row: VmRow): TenantContext => ({
+    tenantId: row.tenant_id,
+    tier: partialRuntimeOf(row).tier ?? "free",
+  });
 
   async function measured<T>(op: string, fn: () => Promise<T>): Promise<T> {
     try {
@@ -180,7 +196,7 @@ export function createVmManager(deps: VmManagerDeps) {
    * Removes everything a VM holds. Every step runs even when an earlier one fails; the failures
    * are reported together so a retried delete can finish the job.
    */
-  async function teardown(row: VmRow, rt: VmRuntime | undefined): Promise<string[]> {
+  async function teardown(row: VmRow, rt: Partial<VmRuntime> | undefined): Promise<string[]> {
     const failures: string[] = [];
     const step = async (what: string, fn: () => Promise<unknown>) => {
       try {
@@ -191,9 +207,10 @@ export function createVmManager(deps: VmManagerDeps) {
       }
     };
     await step("stop forwarding and sampling", () => detachRunning(row.vm_id));
-    if (rt?.spec) {
+    const spec = rt?.spec;
+    if (spec) {
       await step("remove the backend's files", () =>
-        deps.backends.get(row.backend as BackendName).delete(rt.spec, rt.handle),
+        deps.backends.get(row.backend as BackendName).delete(spec, rt.handle),
       );
     }
     await step("remove the cgroup", () => deps.cgroups.get(row.tenant_id, row.vm_id).remove());
@@ -207,6 +224,27 @@ export function createVmManager(deps: VmManagerDeps) {
   }
 
   const vmDir = (vmId: string) => path.join(deps.settings.vmRoot, vmId);
+
+  /**
+   * Start-up found a VM whose CreateVm a metald crash cut off (no runtime yet): what it got so far
+   * (namespace, cgroup, address, ports, recorded leases, directory) is removed, and the row stays
+   * FAILED to say so until the VM is deleted.
+   */
+  async function abandonCreation(row: VmRow): Promise<void> {
+    const failures = await teardown(row, partialRuntimeOf(row));
+    const reason = "creation was cut off by a metald restart; delete the VM and create it again";
+    await store.update(row.vm_id, {
+      state: "failed",
+      failure_reason:
+        failures.length === 0 ? reason : `${reason} (cleaning up failed: ${failures.join("; ")})`,
+      // Leases that could not be released stay recorded, for DeleteVm to retry.
+      ...(failures.length === 0 ? { runtime_json: "{}" } : {}),
+    });
+    log.warn(
+      { vm_id: row.vm_id, tenant_id: row.tenant_id, failures },
+      "a VM creation cut off by a restart was undone",
+    );
+  }
 
   return {
     /** Creates a VM: prepared, networked and limited, not started (CREATED). */
@@ -282,6 +320,9 @@ export function createVmManager(deps: VmManagerDeps) {
               rt.leases.push({ assetId, leaseId });
             }),
           ] as const);
+          // The leases are recorded at once: a crash before CreateVm's end must not lose them
+          // (recovery releases them, see abandonCreation).
+          await store.update(vmId, { runtime_json: JSON.stringify({ tier: rt.tier, leases: rt.leases }) });
           const rootfs = placed[req.rootfsAssetId]!;
           let kernel: string | undefined;
           let initrd: string | undefined;
@@ -354,10 +395,7 @@ export function createVmManager(deps: VmManagerDeps) {
           // Teardown must not race the namespace or cgroup still being made.
           await Promise.allSettled([wiring, cgroupMade]);
           vlog.warn({ err }, "VM creation failed; removing what was set up");
-          await teardown(
-            row,
-            rt.spec ? (rt as VmRuntime) : ({ ...rt, spec: undefined } as unknown as VmRuntime),
-          );
+          await teardown(row, rt);
           await store.delete(vmId);
           throw err;
         }
@@ -369,7 +407,7 @@ export function createVmManager(deps: VmManagerDeps) {
         measured("boot", async () => {
           const row = await owned(tenant, vmId);
           transition(vmId, row.state, "boot");
-          const rt = runtimeOf(row);
+          const rt = createdRuntimeOf(row);
           const backend = deps.backends.get(row.backend as BackendName);
           const started = performance.now();
           await store.update(vmId, { runtime_json: JSON.stringify({ ...rt, booting: true }) });
@@ -443,7 +481,7 @@ export function createVmManager(deps: VmManagerDeps) {
         measured(verb, async () => {
           const row = await owned(tenant, vmId);
           const to = transition(vmId, row.state, verb) as VmState;
-          const rt = runtimeOf(row);
+          const rt = createdRuntimeOf(row);
           await act(rt, deps.backends.get(row.backend as BackendName));
           const patch = {
             state: to,
@@ -462,7 +500,7 @@ export function createVmManager(deps: VmManagerDeps) {
       return locked(vmId, () =>
         measured("delete", async () => {
           const row = await owned(tenant, vmId);
-          const rt = row.runtime_json === "{}" ? undefined : runtimeOf(row);
+          const rt = partialRuntimeOf(row);
           if (row.state === "running" || row.state === "paused") {
             deps.events?.stopped?.({ vmId, tenant, reason: "deleted" });
           }
@@ -490,7 +528,7 @@ export function createVmManager(deps: VmManagerDeps) {
       const row = await owned(tenant, vmId);
       return {
         row,
-        runtime: row.runtime_json === "{}" ? undefined : runtimeOf(row),
+        runtime: runtimeOf(row),
         sample: deps.sampler.latest(vmId),
       };
     },
@@ -520,8 +558,7 @@ export function createVmManager(deps: VmManagerDeps) {
       vmId: string,
     ): Promise<{ file: string; state: () => Promise<VmState | undefined> }> {
       const row = await owned(tenant, vmId);
-      const file =
-        row.runtime_json === "{}" ? path.join(vmDir(vmId), "console.log") : runtimeOf(row).spec.consoleLog;
+      const file = runtimeOf(row)?.spec.consoleLog ?? path.join(vmDir(vmId), "console.log");
       return { file, state: async () => (await store.get(tenant.tenantId, vmId))?.state };
     },
 
@@ -536,8 +573,11 @@ export function createVmManager(deps: VmManagerDeps) {
       let lost = 0;
       const rows = await store.all();
       for (const row of rows) {
-        if (row.runtime_json === "{}") continue;
         const rt = runtimeOf(row);
+        if (!rt) {
+          if (row.state !== "failed") await abandonCreation(row);
+          continue;
+        }
         const backend = deps.backends.get(row.backend as BackendName);
         const limits = await deps.limits(tenantOf(row));
         try {
