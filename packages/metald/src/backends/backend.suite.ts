@@ -425,7 +425,7 @@ export function backendConformanceSuite(target: SuiteTarget): void {
 
       expect(await answers(h)).toBe(INDEX_HTML);
       // The image's unprivileged user, the VM's hostname and the workload's environment.
-      expect((await httpGet(`${vm.url}/cgi-bin/whoami`, 5_000))?.body.trim()).toBe(
+      expect((await httpGet(`${vm.url}/cgi-bin/whoami`, 10_000))?.body.trim()).toBe(
         "uid=1000 gid=1000 host=kiln-suite greeting=hi",
       );
       if (b.stats) {
