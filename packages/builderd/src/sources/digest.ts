@@ -1,5 +1,4 @@
 import { createHash } from "node:crypto";
-import { Transform, type TransformCallback } from "node:stream";
 import { DigestMismatchError, UnsupportedImageError } from "./errors.js";
 
 /**
@@ -35,36 +34,4 @@ export function verifyBytes(what: string, data: Buffer, expected: string, size?:
   if (size !== undefined && data.length !== size) {
     throw new DigestMismatchError(what, expected, actual, `expected ${size} bytes, got ${data.length}`);
   }
-}
-
-/**
- * A pass-through stream that hashes and counts what flows through it and errors with
- * DigestMismatchError — instead of ending — when the bytes do not match. Bytes past the expected
- * size fail at once, so an endless body cannot run on.
- */
-export function createVerifier(what: string, expected: string, size: number): Transform {
-  digestHex(expected, what);
-  const hash = createHash("sha256");
-  let seen = 0;
-  return new Transform({
-    transform(chunk: Buffer, _enc: BufferEncoding, cb: TransformCallback) {
-      seen += chunk.length;
-      if (seen > size) {
-        cb(new DigestMismatchError(what, expected, "(unknown)", `more than the expected ${size} bytes`));
-        return;
-      }
-      hash.update(chunk);
-      cb(null, chunk);
-    },
-    flush(cb: TransformCallback) {
-      const actual = `sha256:${hash.digest("hex")}`;
-      if (seen !== size) {
-        cb(new DigestMismatchError(what, expected, actual, `expected ${size} bytes, got ${seen}`));
-      } else if (actual !== expected) {
-        cb(new DigestMismatchError(what, expected, actual));
-      } else {
-        cb();
-      }
-    },
-  });
 }

@@ -6,6 +6,7 @@ import { createLogger } from "@kiln/kit";
 import { tempDir } from "@kiln/kit/testing";
 import tar from "tar-stream";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { createLayerCache } from "../cache/layer-cache.js";
 import { type Descriptor, layerTar, MEDIA, sha256, writeOciLayout } from "../testing/oci-layout.js";
 import {
   DigestMismatchError,
@@ -195,7 +196,7 @@ describe("local image sources", () => {
       expect(err.message).toContain("leads outside the image layout");
     });
 
-    it("fails a corrupted layer blob with DigestMismatchError", async () => {
+    it("streams a corrupted layer blob as stored; ingesting it fails with DigestMismatchError", async () => {
       const bad = path.join(allowed, "bad");
       fs.cpSync(single, bad, { recursive: true });
       const source = open(`oci:${bad}`);
@@ -206,9 +207,12 @@ describe("local image sources", () => {
       const bytes = fs.readFileSync(blob);
       bytes[0] = (bytes[0] ?? 0) ^ 1;
       fs.writeFileSync(blob, bytes);
-      const err = await readAll(await source.openBlob(layer)).catch((e) => e);
+      expect((await readAll(await source.openBlob(layer))).equals(bytes)).toBe(true);
+      const cache = createLayerCache(path.join(bad, "cache"));
+      const err = await cache.ingest(layer, () => source.openBlob(layer)).catch((e) => e);
       expect(err).toBeInstanceOf(DigestMismatchError);
       expect(err.message).toContain(layer.digest);
+      expect(await cache.has(layer.digest)).toBe(false);
     });
 
     it("refuses a directory that is not an image layout", async () => {

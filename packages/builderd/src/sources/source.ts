@@ -9,8 +9,9 @@ import type { ImageRef } from "./reference.js";
 /**
  * An image source turns an image reference into a verified manifest, config and layer blobs.
  * `resolve` reads and verifies the documents (choosing the platform from an index);
- * `openBlob` streams one layer as stored, verified as it flows. One source serves one build:
- * it caches registry tokens and keeps connections for that build only.
+ * `openBlob` streams one layer as stored; the layer cache verifies it as it is ingested (one
+ * sha256 per byte, in one place: containerd's ingest-verify-commit). One source serves one
+ * build: it caches registry tokens and keeps connections for that build only.
  */
 
 export type { ImageRef, Transport } from "./reference.js";
@@ -52,7 +53,11 @@ export interface ResolvedImage {
 
 export interface ImageSource {
   resolve(signal?: AbortSignal): Promise<ResolvedImage>;
-  /** The layer blob as stored (compressed), verified against layer.digest and layer.size while it streams: the stream errors (DigestMismatchError) instead of ending when the bytes are wrong. */
+  /**
+   * The layer blob as stored (compressed). Not verified here: read it only through the layer
+   * cache's `ingest`, which checks layer.size and layer.digest as the bytes stream and keeps
+   * nothing (and lets no layer count as applied) when they are wrong.
+   */
   openBlob(layer: LayerInfo, signal?: AbortSignal): Promise<Readable>;
   /** Registry host for metrics labels ("local" for local transports). */
   readonly registryLabel: string;
