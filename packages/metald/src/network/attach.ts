@@ -106,6 +106,8 @@ export function createNetworkAttacher(deps: NetworkAttacherDeps): NetworkAttache
     },
     async detach(vmId) {
       const names = namesOf(vmId);
+      // A pooled namespace whose VM failed before wiring it is the VM's to remove too.
+      namespaces?.claim(names.short);
       await router.egress().remove(names.hostVeth);
       await deleteVmNamespace(router, names);
       await pool.release(vmId);

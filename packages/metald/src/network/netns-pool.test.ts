@@ -96,6 +96,24 @@ describe("VM namespace pool", () => {
     expect(await poolRows()).toEqual([]);
   });
 
+  it("detaching a VM whose creation failed before wiring removes its pooled namespace", async () => {
+    const namespaces = pool(1);
+    const attacher = createNetworkAttacher({
+      router: net.router,
+      pool: net.pool,
+      netnsPrefix: net.netnsPrefix,
+      namespaces,
+    });
+    await attacher.start([]);
+    await refilled(namespaces, 1);
+    const vmId = attacher.newVmId();
+    await attacher.detach(vmId);
+    await attacher.stop();
+    expect(await listNamespaces(net.netnsPrefix)).toEqual([]);
+    expect(await routerLinks()).toEqual([]);
+    expect(await poolRows()).toEqual([]);
+  });
+
   it("a new VM id without a ready namespace is an ordinary one", async () => {
     const attacher = createNetworkAttacher({
       router: net.router,
