@@ -44,7 +44,7 @@ export interface BuildManagerDeps {
   limits: LimitsResolver;
   cacheFor(tenantId: string): LayerCache;
   applier: LayerApplier;
-  /** Where finished builds' extracted trees are deleted in the background. */
+  /** Where finished builds' extracted trees wait, to be deleted once their results are recorded. */
   trash: Trash;
   settings: BuildSettings;
   metrics: BuilderMetrics;
@@ -310,6 +310,8 @@ export function createBuildManager(deps: BuildManagerDeps) {
     } finally {
       clearTimeout(timer);
       sendProgress.cancel();
+      // The result is recorded: now the extracted tree may be deleted.
+      deps.trash.purge();
     }
   }
 
@@ -564,6 +566,7 @@ export function createBuildManager(deps: BuildManagerDeps) {
         r.abort.abort(new StopReason("shutdown", "interrupted: builderd stopped; start it again"));
       await Promise.all([...running.values()].map((r) => r.done));
       await deps.applier.close();
+      deps.trash.purge();
       await deps.trash.drain();
     },
   };

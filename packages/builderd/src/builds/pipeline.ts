@@ -80,7 +80,7 @@ export interface PipelineDeps {
   layerConcurrency: number;
   tiniPath: string;
   busyboxPath: string;
-  /** Removes a directory in the background (the extracted tree, once it is in the image). */
+  /** Moves a directory out of the way, to be deleted later (the extracted tree, once in the image). */
   discard(dir: string): Promise<void>;
   /** Hash the ext4 image here; off when assetmanagerd hashes it while registering it. */
   checksum: boolean;
@@ -288,8 +288,8 @@ export async function runPipeline(spec: BuildSpec, deps: PipelineDeps): Promise<
       throw new RootfsTooLargeError(ext4.sizeBytes, spec.optimization.maxSizeBytes);
     }
     report.log("info", "mkfs", `ext4 image ${ext4.sha256 ?? "made"}`, { bytes: ext4.sizeBytes });
-    // The tree is now inside the image; keep only the artifact and metadata. Deleting its
-    // inodes goes on in the background, while the image is registered.
+    // The tree is now inside the image; keep only the artifact and metadata. Its inodes are
+    // deleted in the background once the build's result is recorded (builds/trash.ts).
     await deps.discard(paths.rootfs);
     await deps.discard(paths.temp);
     const optimizeDurationMs = performance.now() - tOptimize;

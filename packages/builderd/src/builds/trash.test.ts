@@ -27,18 +27,33 @@ describe("trash", () => {
     for (const d of dirs.splice(0)) d.remove();
   });
 
-  it("frees the directory's path at once and deletes its content in the background", async () => {
+  it("frees the directory's path at once, and deletes its content only when purged", async () => {
     const { dir, trashDir } = fresh();
     const target = path.join(dir, "build", "rootfs");
     tree(target, 200);
     const trash = createTrash(trashDir, log);
     await trash.discard(target);
     expect(fs.existsSync(target)).toBe(false);
-    // A new tree can take the path while the old one is still being deleted.
+    // A new tree can take the path while the old one waits to be deleted.
     fs.mkdirSync(target);
+    await trash.drain();
+    expect(fs.readdirSync(trashDir)).toHaveLength(1);
+    trash.purge();
     await trash.drain();
     expect(fs.readdirSync(trashDir)).toEqual([]);
     expect(fs.existsSync(target)).toBe(true);
+  });
+
+  it("purges only what was discarded before the purge", async () => {
+    const { dir, trashDir } = fresh();
+    const trash = createTrash(trashDir, log);
+    tree(path.join(dir, "a"), 5);
+    await trash.discard(path.join(dir, "a"));
+    trash.purge();
+    tree(path.join(dir, "b"), 5);
+    await trash.discard(path.join(dir, "b"));
+    await trash.drain();
+    expect(fs.readdirSync(trashDir).map((n) => n.split("-")[0])).toEqual(["b"]);
   });
 
   it("accepts a directory that does not exist", async () => {
@@ -56,6 +71,8 @@ describe("trash", () => {
       tree(path.join(dir, b, "rootfs"), 5);
       await trash.discard(path.join(dir, b, "rootfs"));
     }
+    expect(fs.readdirSync(trashDir)).toHaveLength(2);
+    trash.purge();
     await trash.drain();
     expect(fs.readdirSync(trashDir)).toEqual([]);
     expect(fs.readdirSync(path.join(dir, "a"))).toEqual([]);

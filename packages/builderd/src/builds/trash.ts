@@ -4,23 +4,28 @@ import path from "node:path";
 import type { Logger } from "@kiln/kit";
 
 /**
- * Directories removed without waiting for it. `discard` renames a directory into the trash
- * (same filesystem: atomic and instant, so its old path is free at once) and deletes it in the
- * background — a finished build's extracted tree is thousands of inodes, and deleting them need
- * not delay the build's result. A crash leaves at most entries in the trash, which `sweep`
- * deletes at start-up; `drain` waits for the deletions under way (graceful stop, tests).
+ * Directories deleted later, off a build's critical path. `discard` renames a directory into the
+ * trash (same filesystem: atomic and instant, so its old path is free at once); `purge` deletes
+ * what the trash holds, in the background. A finished build's extracted tree is thousands of
+ * inodes: the manager purges once the build's result is recorded, so the deletion competes
+ * neither with mkfs nor with the image's registration (whose reads would queue behind it in
+ * libuv's threadpool). A crash leaves at most entries in the trash, which `sweep` deletes at
+ * start-up; `drain` waits for the deletions under way (graceful stop, tests).
  */
 export interface Trash {
-  /** Moves `dir` out of the way and deletes it in the background; a missing `dir` is fine. */
+  /** Moves `dir` into the trash; a missing `dir` is fine. */
   discard(dir: string): Promise<void>;
+  /** Starts deleting, in the background, everything discarded so far. */
+  purge(): void;
   /** Resolves once every deletion started so far has ended. */
   drain(): Promise<void>;
-  /** Deletes whatever an earlier process left in the trash. */
+  /** Deletes whatever an earlier process left in the trash, and waits for it. */
   sweep(): Promise<void>;
 }
 
 export function createTrash(dir: string, log: Logger): Trash {
   const pending = new Set<Promise<void>>();
+  let discarded: string[] = [];
   let made: Promise<unknown> | undefined;
 
   const drain = async () => {
@@ -55,7 +60,13 @@ export function createTrash(dir: string, log: Logger): Trash {
         if (code === "EXDEV") return fsp.rm(target, { recursive: true, force: true });
         throw err;
       }
-      remove(dest);
+      discarded.push(dest);
+    },
+
+    purge() {
+      const now = discarded;
+      discarded = [];
+      for (const d of now) remove(d);
     },
 
     drain,
