@@ -125,6 +125,24 @@ describe("buildExt4", () => {
     expect(ratio.sizeBytes).toBeGreaterThan(r.sizeBytes);
   });
 
+  it("counts hard-linked content once, also across directories measured together", async () => {
+    const dir = workdir();
+    const sized = async (links: number) => {
+      const root = path.join(dir, `rootfs-${links}`);
+      fs.mkdirSync(path.join(root, "a"), { recursive: true });
+      fs.writeFileSync(path.join(root, "a", "big"), randomBytes(16 << 20));
+      for (let i = 1; i < links; i++) {
+        const sub = path.join(root, `d${i % 5}`);
+        fs.mkdirSync(sub, { recursive: true });
+        fs.linkSync(path.join(root, "a", "big"), path.join(sub, `link${i}`));
+      }
+      return (await buildExt4(root, path.join(dir, `${links}.ext4`), { headroomBytes: 0, headroomRatio: 0 }))
+        .sizeBytes;
+    };
+    // 200 names of one 16 MiB file: the directories add a little, the content nothing.
+    expect(await sized(200)).toBeLessThanOrEqual((await sized(1)) + (2 << 20));
+  });
+
   it("fits many small files with no headroom (enough inodes and blocks)", async () => {
     const dir = workdir();
     const root = path.join(dir, "rootfs");

@@ -21,6 +21,8 @@ export interface Ext4Options {
 
 const BLOCK = 4096;
 const INODE_SIZE = 256;
+/** Entries of one directory lstat-ed at once while measuring the tree. */
+const LSTAT_BATCH = 64;
 const MiB = 1 << 20;
 
 export class MkfsError extends InternalError {
@@ -124,21 +126,27 @@ async function measureTree(root: string, signal?: AbortSignal): Promise<TreeUsag
     const names = await fs.readdir(dir);
     // Directory entries: 8 bytes + name, 4-byte aligned; at least one block.
     let dirBytes = 24;
-    for (const name of names) {
-      dirBytes += 8 + roundUp(Buffer.byteLength(name), 4);
-      const p = path.join(dir, name);
-      const st = await fs.lstat(p);
-      const key = `${st.dev}:${st.ino}`;
-      if (st.nlink > 1 && !st.isDirectory()) {
-        if (seen.has(key)) continue;
-        seen.add(key);
-      }
-      inodes++;
-      if (st.isDirectory()) await walk(p);
-      else if (st.isFile()) bytes += roundUp(st.size, BLOCK) + extentOverhead(st.size);
-      // Targets under 60 bytes live in the inode itself.
-      else if (st.isSymbolicLink() && st.size >= 60) bytes += BLOCK;
+    const subdirs: string[] = [];
+    for (let at = 0; at < names.length; at += LSTAT_BATCH) {
+      const batch = names.slice(at, at + LSTAT_BATCH);
+      // Several lstats at once (libuv runs them on its threadpool), not one round trip each.
+      const stats = await Promise.all(batch.map((name) => fs.lstat(path.join(dir, name))));
+      batch.forEach((name, i) => {
+        const st = stats[i]!;
+        dirBytes += 8 + roundUp(Buffer.byteLength(name), 4);
+        const key = `${st.dev}:${st.ino}`;
+        if (st.nlink > 1 && !st.isDirectory()) {
+          if (seen.has(key)) return;
+          seen.add(key);
+        }
+        inodes++;
+        if (st.isDirectory()) subdirs.push(path.join(dir, name));
+        else if (st.isFile()) bytes += roundUp(st.size, BLOCK) + extentOverhead(st.size);
+        // Targets under 60 bytes live in the inode itself.
+        else if (st.isSymbolicLink() && st.size >= 60) bytes += BLOCK;
+      });
     }
+    for (const sub of subdirs) await walk(sub);
     bytes += roundUp(Math.max(dirBytes * 1.1, 1), BLOCK);
   };
   await walk(root);
