@@ -83,7 +83,7 @@ describe("VM network attach", () => {
       }
       servers.push(await startTestServer(first.netnsName, first.guestIp, 8080, mode));
       expect(await probeTcp(undefined, first.guestIp, 8080)).toEqual({ ok: true, data: `${mode}\n` });
-      expect((await resources()).egressRules.filter((r) => r === first.hostInterface)).toHaveLength(1);
+      expect(await net.router.egress().allowedInterfaces()).toContain(first.hostInterface);
     }
   });
 
@@ -140,16 +140,16 @@ describe("VM network attach", () => {
     }
   });
 
-  it("detach removes namespace, interfaces, rules and address, and is idempotent", async () => {
+  it("detach removes namespace, interfaces (with their egress) and address, and is idempotent", async () => {
     const before = countResources(await resources());
     const vmId = await newVm();
     const vmNet = await net.attacher.attach({ vmId, egressAllowed: true }, { mode: "address" });
     const during = await resources();
     expect(during.netns).toContain(vmNet.netnsName);
     expect(during.routerInterfaces).toContain(vmNet.hostInterface);
-    expect(during.egressRules).toContain(vmNet.hostInterface);
+    expect(await net.router.egress().allowedInterfaces()).toContain(vmNet.hostInterface);
     expect(during.addresses).toContain(`${vmId}=${vmNet.guestIp}`);
-    expect(countResources(during)).toBe(before + 4);
+    expect(countResources(during)).toBe(before + 3);
 
     await net.attacher.detach(vmId);
     await net.attacher.detach(vmId);

@@ -1,4 +1,4 @@
-import { newId, settleAll } from "@kiln/kit";
+import { newId } from "@kiln/kit";
 import { netnsPath } from "./command.js";
 import { macAddress, vmNetworkNames } from "./names.js";
 import { type AttachMode, createVmNamespace, deleteVmNamespace, vmNamespaceExists } from "./netns.js";
@@ -55,7 +55,7 @@ export interface NetworkAttacher {
    * nothing. The router must be ensured first.
    */
   attach(vm: AttachVm, opts: { mode: AttachMode }): Promise<VmNetwork>;
-  /** Removes the namespace, veth pair and egress rule, and releases the address. Idempotent. */
+  /** Removes the namespace and veth pair (and with it the egress), and releases the address. Idempotent. */
   detach(vmId: string): Promise<void>;
   /** Changes a VM's egress (tier change). */
   setEgress(vmId: string, allowed: boolean): Promise<void>;
@@ -108,7 +108,6 @@ export function createNetworkAttacher(deps: NetworkAttacherDeps): NetworkAttache
       const names = namesOf(vmId);
       // A pooled namespace whose VM failed before wiring it is the VM's to remove too.
       namespaces?.claim(names.short);
-      await router.egress().remove(names.hostVeth);
       await deleteVmNamespace(router, names);
       await pool.release(vmId);
     },
@@ -143,13 +142,16 @@ export function createNetworkAttacher(deps: NetworkAttacherDeps): NetworkAttache
       : (await vmNamespaceExists(names))
         ? "exists"
         : "absent";
-    const fresh = state !== "exists";
-    const spec = { names, guestIp: network.guestIp, macAddress: network.macAddress, mode: network.mode };
-    // A new (or pooled) namespace has a new router interface, which no rule names yet: its rule
-    // is added while the namespace is made (iptables matches interfaces by name, present or not).
-    await settleAll([
-      createVmNamespace(router, spec, state),
-      router.egress().setAllowed(names.hostVeth, vm.egressAllowed, { fresh }),
-    ]);
+    await createVmNamespace(
+      router,
+      {
+        names,
+        guestIp: network.guestIp,
+        macAddress: network.macAddress,
+        mode: network.mode,
+        egressAllowed: vm.egressAllowed,
+      },
+      state,
+    );
   }
 }

@@ -2,7 +2,7 @@ import { TIER_LIMITS } from "@kiln/kit";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import type { VmNetwork } from "./attach.js";
 import { inNetns, ip } from "./command.js";
-import { ALWAYS_BLOCKED } from "./egress.js";
+import { ALWAYS_BLOCKED, EGRESS_GROUP } from "./egress.js";
 import {
   createTestInternet,
   createTestNetwork,
@@ -125,11 +125,15 @@ describe("egress by tier", () => {
     expect(await probeTcp(vm.netnsName, internet.address, 80)).toMatchObject({ ok: false });
   });
 
-  it("keeps rules in the router's own namespace, and reinstalling keeps running VMs' rules", async () => {
+  it("keeps rules in the router's own namespace, one for all VMs, and reinstalling keeps VMs' egress", async () => {
     const vm = await vmOnTier("pro");
+    await vmOnTier("free");
     const rules = await inNetns(net.router.name, "iptables", ["-S"]);
     for (const cidr of ALWAYS_BLOCKED) expect(rules).toContain(`-A KILN-BLOCK -d ${cidr} -p tcp -j REJECT`);
-    expect(rules).toContain(`-A KILN-ALLOW -i ${vm.hostInterface} -j ACCEPT`);
+    expect(rules.split("\n").filter((r) => r.startsWith("-A KILN-ALLOW"))).toEqual([
+      `-A KILN-ALLOW -m devgroup --src-group 0x${EGRESS_GROUP.toString(16)} -j ACCEPT`,
+    ]);
+    expect(await net.router.egress().allowedInterfaces()).toEqual([vm.hostInterface]);
     await net.router.ensure();
     expect(await net.router.egress().allowedInterfaces()).toEqual([vm.hostInterface]);
     expect(await probeTcp(vm.netnsName, internet.address, 80)).toMatchObject({ ok: true });

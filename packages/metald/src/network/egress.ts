@@ -1,4 +1,4 @@
-import { EXISTS, GONE, inNetns } from "./command.js";
+import { GONE, inNetns, ip } from "./command.js";
 import type { AddressLayout } from "./pool.js";
 
 /**
@@ -13,10 +13,12 @@ import type { AddressLayout } from "./pool.js";
  *                169.254.169.254 metadata service and friends), other clouds' metadata addresses,
  *                the host's own addresses, the VM network itself (other VMs), loopback,
  *                multicast and reserved ranges, plus operator-configured CIDRs.
- *   KILN-ALLOW   one `-i kv-<vm> -j ACCEPT` rule per VM whose tier allows egress
- *                (TenantLimits.egressAllowed; FREE has none).
+ *   KILN-ALLOW   one rule: traffic entering on an interface in device group EGRESS_GROUP passes.
  *
- * A VM without an ALLOW rule has no egress, so a VM is closed until its policy is applied.
+ * A VM's egress is its router interface's device group (`ip link set kv-<vm> group 1`), set in
+ * the same `ip` batch that wires the interface (TenantLimits.egressAllowed; FREE has none): no
+ * iptables process per VM, and a rule set that does not grow with the number of VMs. An
+ * interface outside the group has no egress, so a VM is closed until its policy is applied.
  * Rejections answer at once (TCP reset, ICMP port unreachable) so clients fail fast instead of
  * timing out. KILN-IN keeps VMs off the router itself except ping and replies.
  */
@@ -29,6 +31,9 @@ export const ALWAYS_BLOCKED = [
   "224.0.0.0/4", // multicast
   "240.0.0.0/4", // reserved, broadcast
 ] as const;
+
+/** Device group of router interfaces whose VM may connect out (the router namespace is Kiln's alone). */
+export const EGRESS_GROUP = 1;
 
 export interface EgressOptions {
   /** The router's network namespace. */
@@ -43,22 +48,15 @@ export interface EgressOptions {
 }
 
 export interface EgressPolicy {
-  /** (Re)writes the router's firewall, keeping the per-VM ALLOW rules already present. */
+  /** (Re)writes the router's firewall; VMs' egress (their interfaces' group) is kept. */
   install(): Promise<void>;
-  /**
-   * Lets the VM behind `hostVeth` open outbound connections, or not. Idempotent. `fresh`: the
-   * interface was just created, so no rule names it yet and nothing needs reading first.
-   */
-  setAllowed(hostVeth: string, allowed: boolean, opts?: { fresh?: boolean }): Promise<void>;
-  /** Removes the VM's rules (on detach). Idempotent. */
-  remove(hostVeth: string): Promise<void>;
-  /** Interfaces with an ALLOW rule (leak checks). */
+  /** Lets the VM behind `hostVeth` open outbound connections, or not (tier change). Idempotent. */
+  setAllowed(hostVeth: string, allowed: boolean): Promise<void>;
+  /** Interfaces whose VM may connect out (leak checks). */
   allowedInterfaces(): Promise<string[]>;
   /** Destinations in KILN-BLOCK. */
   readonly blocked: readonly string[];
 }
-
-const IPT = ["iptables", "-w"] as const;
 
 export function createEgressPolicy(opts: EgressOptions): EgressPolicy {
   const { netns } = opts;
@@ -68,97 +66,70 @@ export function createEgressPolicy(opts: EgressOptions): EgressPolicy {
     ...opts.hostAddresses.map((a) => `${a}/32`),
     ...(opts.blockedCidrs ?? []),
   ];
-  const iptables = (args: string[], tolerate?: RegExp) =>
-    inNetns(netns, IPT[0], [...IPT.slice(1), ...args], { tolerate });
-  const allowRule = (hostVeth: string) => ["-i", hostVeth, "-j", "ACCEPT"];
-  // Changes run one at a time: each reads the rules before writing them, and install()
-  // rewrites the whole table.
-  let queue: Promise<unknown> = Promise.resolve();
-  const serial = <T>(fn: () => Promise<T>): Promise<T> => {
-    const result = queue.then(fn, fn);
-    queue = result.catch(() => undefined);
-    return result;
-  };
-
-  async function removeRules(hostVeth: string): Promise<void> {
-    // Delete every copy (a crash between check and add could have left two).
-    for (let i = 0; i < 10; i++) {
-      if (!(await allowedInterfaces()).includes(hostVeth)) return;
-      await iptables(["-D", "KILN-ALLOW", ...allowRule(hostVeth)], GONE);
-    }
-  }
+  const setGroup = (hostVeth: string, group: number) =>
+    ip(netns, ["link", "set", "dev", hostVeth, "group", String(group)]);
 
   async function allowedInterfaces(): Promise<string[]> {
-    const out = await iptables(["-S", "KILN-ALLOW"], GONE);
-    const names: string[] = [];
-    for (const line of out.split("\n")) {
-      const m = /^-A KILN-ALLOW -i (\S+) -j ACCEPT$/.exec(line.trim());
-      if (m) names.push(m[1]!);
-    }
-    return names;
+    const out = await ip(netns, ["-j", "link", "show", "group", String(EGRESS_GROUP)], { tolerate: GONE });
+    // `ip -j` prints an empty object for every interface outside the group.
+    const links = JSON.parse(out || "[]") as Array<{ ifname?: string }>;
+    return links.flatMap((l) => l.ifname ?? []).sort();
   }
 
   return {
     blocked,
     allowedInterfaces,
-    install: () =>
-      serial(async () => {
-        // The router namespace holds only Kiln's rules, so its tables are written whole and
-        // atomically; the ALLOW rules of VMs already running survive a metald restart.
-        const keep = await allowedInterfaces().catch(() => [] as string[]);
-        const up = opts.uplinkInterface;
-        const rejectAll = (chain: string, match: string) => [
-          `-A ${chain} ${match} -p tcp -j REJECT --reject-with tcp-reset`,
-          `-A ${chain} ${match} -j REJECT --reject-with icmp-port-unreachable`,
-        ];
-        const lines = [
-          "*filter",
-          ":INPUT ACCEPT [0:0]",
-          ":FORWARD DROP [0:0]",
-          ":OUTPUT ACCEPT [0:0]",
-          ":KILN-IN - [0:0]",
-          ":KILN-FWD - [0:0]",
-          ":KILN-EGRESS - [0:0]",
-          ":KILN-BLOCK - [0:0]",
-          ":KILN-ALLOW - [0:0]",
-          "-A INPUT -j KILN-IN",
-          "-A FORWARD -j KILN-FWD",
-          "-A KILN-IN -i kv+ -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
-          "-A KILN-IN -i kv+ -p icmp --icmp-type echo-request -j ACCEPT",
-          ...rejectAll("KILN-IN", "-i kv+"),
-          "-A KILN-FWD -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
-          "-A KILN-FWD -i kv+ -j KILN-EGRESS",
-          `-A KILN-FWD -i ${up} -o kv+ -j ACCEPT`,
-          "-A KILN-EGRESS -j KILN-BLOCK",
-          "-A KILN-EGRESS -j KILN-ALLOW",
-          ...rejectAll("KILN-EGRESS", ""),
-          ...blocked.flatMap((cidr) => rejectAll("KILN-BLOCK", `-d ${cidr}`)),
-          ...keep.map((dev) => `-A KILN-ALLOW ${allowRule(dev).join(" ")}`),
-          "COMMIT",
-          "*nat",
-          ":PREROUTING ACCEPT [0:0]",
-          ":INPUT ACCEPT [0:0]",
-          ":OUTPUT ACCEPT [0:0]",
-          ":POSTROUTING ACCEPT [0:0]",
-          ":KILN-POSTROUTING - [0:0]",
-          "-A POSTROUTING -j KILN-POSTROUTING",
-          // VMs' outbound connections leave with the router's address on the way out, so the next
-          // hop needs no route back to the VM network.
-          `-A KILN-POSTROUTING -s ${opts.layout.cidr.text} ! -o kv+ -j MASQUERADE`,
-          "COMMIT",
-          "",
-        ];
-        await inNetns(netns, "iptables-restore", ["-w"], {
-          input: lines.map((l) => l.replace(/ {2,}/g, " ")).join("\n"),
-        });
-      }),
-    setAllowed: (hostVeth, allowed, { fresh = false } = {}) =>
-      serial(async () => {
-        if (fresh && !allowed) return;
-        const present = fresh ? false : (await allowedInterfaces()).includes(hostVeth);
-        if (allowed && !present) await iptables(["-A", "KILN-ALLOW", ...allowRule(hostVeth)], EXISTS);
-        if (!allowed && present) await removeRules(hostVeth);
-      }),
-    remove: (hostVeth) => serial(() => removeRules(hostVeth)),
+    async install() {
+      // The router namespace holds only Kiln's rules, so its tables are written whole and
+      // atomically; running VMs' egress lives on their interfaces and survives a restart.
+      const up = opts.uplinkInterface;
+      const rejectAll = (chain: string, match: string) => [
+        `-A ${chain} ${match} -p tcp -j REJECT --reject-with tcp-reset`,
+        `-A ${chain} ${match} -j REJECT --reject-with icmp-port-unreachable`,
+      ];
+      const lines = [
+        "*filter",
+        ":INPUT ACCEPT [0:0]",
+        ":FORWARD DROP [0:0]",
+        ":OUTPUT ACCEPT [0:0]",
+        ":KILN-IN - [0:0]",
+        ":KILN-FWD - [0:0]",
+        ":KILN-EGRESS - [0:0]",
+        ":KILN-BLOCK - [0:0]",
+        ":KILN-ALLOW - [0:0]",
+        "-A INPUT -j KILN-IN",
+        "-A FORWARD -j KILN-FWD",
+        "-A KILN-IN -i kv+ -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
+        "-A KILN-IN -i kv+ -p icmp --icmp-type echo-request -j ACCEPT",
+        ...rejectAll("KILN-IN", "-i kv+"),
+        "-A KILN-FWD -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
+        "-A KILN-FWD -i kv+ -j KILN-EGRESS",
+        `-A KILN-FWD -i ${up} -o kv+ -j ACCEPT`,
+        "-A KILN-EGRESS -j KILN-BLOCK",
+        "-A KILN-EGRESS -j KILN-ALLOW",
+        ...rejectAll("KILN-EGRESS", ""),
+        ...blocked.flatMap((cidr) => rejectAll("KILN-BLOCK", `-d ${cidr}`)),
+        `-A KILN-ALLOW -m devgroup --src-group ${EGRESS_GROUP} -j ACCEPT`,
+        "COMMIT",
+        "*nat",
+        ":PREROUTING ACCEPT [0:0]",
+        ":INPUT ACCEPT [0:0]",
+        ":OUTPUT ACCEPT [0:0]",
+        ":POSTROUTING ACCEPT [0:0]",
+        ":KILN-POSTROUTING - [0:0]",
+        "-A POSTROUTING -j KILN-POSTROUTING",
+        // VMs' outbound connections leave with the router's address on the way out, so the next
+        // hop needs no route back to the VM network.
+        `-A KILN-POSTROUTING -s ${opts.layout.cidr.text} ! -o kv+ -j MASQUERADE`,
+        "COMMIT",
+        "",
+      ];
+      await inNetns(netns, "iptables-restore", ["-w"], {
+        input: lines.map((l) => l.replace(/ {2,}/g, " ")).join("\n"),
+      });
+    },
+    async setAllowed(hostVeth, allowed) {
+      await setGroup(hostVeth, allowed ? EGRESS_GROUP : 0);
+    },
   };
 }

@@ -70,7 +70,6 @@ describe("leak accounting over a VM's life and a metald crash", () => {
     expect(await listKilnResources(sources())).toEqual({
       netns: [vmNet.netnsName],
       routerInterfaces: [vmNet.hostInterface],
-      egressRules: [vmNet.hostInterface],
       cgroups: [cg.relativePath],
       forwards: [`${vmId}:${port.hostPort}/tcp`],
       addresses: [`${vmId}=${vmNet.guestIp}`],
@@ -102,7 +101,7 @@ describe("leak accounting over a VM's life and a metald crash", () => {
       });
     const found = await after();
     expect(found.forwards).toEqual([]);
-    expect(countResources(found)).toBe(6);
+    expect(countResources(found)).toBe(5);
 
     // Recovery re-adopts the running VM: attach again changes nothing, forwards come back.
     expect(await attacher2.attach({ vmId, egressAllowed: true }, { mode: "address" })).toEqual(vmNet);
@@ -123,7 +122,6 @@ describe("leak accounting over a VM's life and a metald crash", () => {
     expect(await after()).toEqual({
       netns: [],
       routerInterfaces: [],
-      egressRules: [],
       cgroups: [],
       forwards: [],
       addresses: [],

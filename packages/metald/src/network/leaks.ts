@@ -1,5 +1,4 @@
 import type { CgroupManager } from "../cgroups/cgroup.js";
-import { createEgressPolicy } from "./egress.js";
 import { listNamespaces } from "./netns.js";
 import type { AddressPool, PortPool } from "./pool.js";
 import type { PortForwarder } from "./port-forward.js";
@@ -7,16 +6,15 @@ import type { Router } from "./router.js";
 
 /**
  * Everything Kiln creates per VM on a host, listed for leak checks: after a delete, or after
- * crash recovery, each list holds only the VMs that still exist. Reads directories and one
- * iptables listing; creates nothing.
+ * crash recovery, each list holds only the VMs that still exist. Reads directories and the
+ * database; creates nothing. (A VM's egress is its router interface's device group: it goes
+ * with the interface, so there is no per-VM firewall rule to leak.)
  */
 export interface KilnResources {
   /** Named VM namespaces (`<prefix>…`), the router's excluded. */
   netns: string[];
   /** VM interfaces (`kv-*`) in the router namespace. */
   routerInterfaces: string[];
-  /** Interfaces with a per-VM egress rule. */
-  egressRules: string[];
   /** VM cgroups (`<root>/<tenant>/<vm>`). */
   cgroups: string[];
   /** Active port forwards (`<vm>:<hostPort>/<protocol>`). */
@@ -46,17 +44,6 @@ export async function listKilnResources(src: LeakSources): Promise<KilnResources
     netns: (await listNamespaces(src.netnsPrefix)).filter((n) => n !== src.router?.name && !pooled.has(n)),
     routerInterfaces: router
       ? (await router.interfaces()).filter((i) => i.startsWith("kv-") && !pooledLinks.has(i)).sort()
-      : [],
-    egressRules: router
-      ? // A read-only view: works whether or not this process ensured the router.
-        (
-          await createEgressPolicy({
-            netns: router.name,
-            layout: router.layout,
-            uplinkInterface: router.routerUplink,
-            hostAddresses: [],
-          }).allowedInterfaces()
-        ).sort()
       : [],
     cgroups: src.cgroups ? (await src.cgroups.list()).map((c) => c.relativePath) : [],
     forwards: src.forwarder ? src.forwarder.list().map((f) => `${f.vmId}:${f.hostPort}/${f.protocol}`) : [],

@@ -1,6 +1,7 @@
 import fs from "node:fs/promises";
 import { pathExists, settleAll } from "@kiln/kit";
 import { EXISTS, GONE, ip, ipBatch, NetworkCommandError, netnsPath } from "./command.js";
+import { EGRESS_GROUP } from "./egress.js";
 import type { VmNetworkNames } from "./names.js";
 import type { Router } from "./router.js";
 
@@ -26,6 +27,8 @@ export interface VmNamespaceSpec {
   guestIp: string;
   macAddress: string;
   mode: AttachMode;
+  /** Whether the VM may connect out (egress.ts: its router interface's device group). */
+  egressAllowed: boolean;
 }
 
 /** Whether the VM's namespace exists (pinned under /var/run/netns); starts no process. */
@@ -168,7 +171,9 @@ function guestSide(router: Router, spec: VmNamespaceSpec, opts: { devicesExist?:
 
 /** The router's side of the VM's link: idempotent lines run in the router namespace. */
 function routerSide(router: Router, spec: VmNamespaceSpec): string[][] {
+  const group = spec.egressAllowed ? EGRESS_GROUP : 0;
   return [
+    ["link", "set", spec.names.hostVeth, "group", String(group)],
     ...routerLink(router, spec.names),
     ["route", "replace", `${spec.guestIp}/32`, "dev", spec.names.hostVeth],
   ];
