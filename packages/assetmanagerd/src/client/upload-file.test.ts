@@ -125,20 +125,44 @@ describe("uploadAssetFile (over HTTP/1.1 to a running service)", () => {
     expect([Code.Unauthenticated, Code.PermissionDenied]).toContain(err.code);
   });
 
-  it("is canceled by its signal, and nothing is stored", async () => {
+  it("is canceled by its signal, before or while it sends, and nothing is stored", async () => {
     const before = blobCount();
-    const ac = new AbortController();
-    const call = uploadAssetFile(
-      endpoint(),
-      { name: "c.img", type: api.AssetType.ROOTFS },
-      file("c.img", randomBytes(12 * MiB)),
-      {
-        signal: ac.signal,
-      },
+    const early = new AbortController();
+    early.abort();
+    const err = await rpcError(
+      uploadAssetFile(
+        endpoint(),
+        { name: "c.img", type: api.AssetType.ROOTFS },
+        file("c.img", randomBytes(10)),
+        {
+          signal: early.signal,
+        },
+      ),
     );
-    ac.abort();
-    const err = await rpcError(call);
     expect(err.code).toBe(Code.Canceled);
+
+    // While sending: once the service has reserved the asset (UPLOADING), the bytes are streaming.
+    const ac = new AbortController();
+    const call = rpcError(
+      uploadAssetFile(
+        endpoint("cancel"),
+        { name: "d.img", type: api.AssetType.ROOTFS },
+        file("d.img", randomBytes(15 * MiB)),
+        {
+          signal: ac.signal,
+        },
+      ),
+    );
+    const uploading = async () =>
+      (await c.listAssets({ status: api.AssetStatus.UPLOADING }, asTenant(svc.token, "cancel"))).assets
+        .length > 0;
+    while (!(await uploading())) await new Promise((r) => setTimeout(r, 1));
+    ac.abort();
+    expect((await call).code).toBe(Code.Canceled);
+    // The service notices the hang-up and removes the reservation and the ingest.
+    for (let i = 0; i < 200 && (await uploading()); i++) await new Promise((r) => setTimeout(r, 10));
+    expect(await uploading()).toBe(false);
+    expect((await c.listAssets({}, asTenant(svc.token, "cancel"))).assets).toEqual([]);
     expect(blobCount()).toBe(before);
   });
 
@@ -152,6 +176,12 @@ describe("uploadAssetFile (over HTTP/1.1 to a running service)", () => {
     );
     expect(err).toBeInstanceOf(ConnectError);
     expect(err.code).toBe(Code.Unavailable);
+  });
+
+  it("throws the file's own error, before calling the service", async () => {
+    await expect(
+      uploadAssetFile(endpoint(), { name: "x", type: api.AssetType.ROOTFS }, path.join(dir.path, "missing")),
+    ).rejects.toMatchObject({ code: "ENOENT" });
   });
 
   it("refuses a chunk size the proto does not allow", async () => {

@@ -45,8 +45,9 @@ const MAX_RESPONSE_BYTES = 4 * 1024 * 1024;
  *
  * `sizeBytes` defaults to the file's size, so a file that changes while it streams is refused by
  * the service (size mismatch) rather than stored half-old; a file that shrinks fails here.
- * Errors are ConnectErrors, as from a Connect client. No interceptors run: pass what they would
- * add (the service token) in `endpoint.headers`.
+ * The call's errors are ConnectErrors, as from a Connect client; the file's own (ENOENT, EACCES…)
+ * are thrown as they are, before anything is sent. No interceptors run: pass what they would add
+ * (the service token) in `endpoint.headers`.
  */
 export async function uploadAssetFile(
   endpoint: UploadEndpoint,
