@@ -166,6 +166,20 @@ describe("uploadAssetFile (over HTTP/1.1 to a running service)", () => {
     expect(blobCount()).toBe(before);
   });
 
+  it("gives deadline_exceeded past its timeout, and nothing is stored", async () => {
+    const before = blobCount();
+    const err = await rpcError(
+      uploadAssetFile(
+        endpoint(),
+        { name: "slow.img", type: api.AssetType.ROOTFS },
+        file("slow.img", randomBytes(15 * MiB)),
+        { timeoutMs: 5 },
+      ),
+    );
+    expect(err.code).toBe(Code.DeadlineExceeded);
+    expect(blobCount()).toBe(before);
+  });
+
   it("is unavailable when nothing listens", async () => {
     const err = await rpcError(
       uploadAssetFile(

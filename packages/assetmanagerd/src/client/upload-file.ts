@@ -95,7 +95,9 @@ export async function uploadAssetFile(
       throw nodeError(err, signal);
     });
     try {
-      return await readResponse(res);
+      return await readResponse(res).catch((err: unknown) => {
+        throw nodeError(err, signal);
+      });
     } finally {
       // An early answer (an error) leaves the rest of the body unsent: drop the connection.
       if (!req.writableFinished) req.destroy();
