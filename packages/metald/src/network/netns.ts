@@ -79,8 +79,8 @@ export async function createVmNamespace(
 /**
  * The part of a VM's namespace that does not depend on the VM: the namespace, its veth pair to
  * the router, and the router's end up and answering. A pool makes these ahead of time, so
- * CreateVm only runs createVmNamespace's second step. The router end carries no egress rule, so
- * nothing behind it gets out until a VM's policy is applied.
+ * CreateVm only runs createVmNamespace's second step. The router end is outside the egress
+ * group and has no route, so nothing behind it gets anywhere until a VM's address and policy are set.
  */
 export async function prepareVmNamespace(router: Router, names: VmNetworkNames): Promise<void> {
   await makeNamespaceAndLink(router, names);
