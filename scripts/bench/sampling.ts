@@ -3,7 +3,7 @@
  *
  * Sets up N VMs the way metald does — a cgroup each (cpu, cpuacct, memory, pids, freezer,
  * blkio) and a network namespace attached to a router of its own (veth pair, address,
- * egress rule) — then samples all of them every 100 ms for S seconds and reports the CPU the
+ * egress) — then samples all of them every 100 ms for S seconds and reports the CPU the
  * process used, as a percentage of one core (process.cpuUsage() deltas), next to the same
  * process idling for the same time. Target (issue #5): under 5% of one core at 100 VMs.
  * Everything it creates is removed at the end, also on failure.
@@ -62,7 +62,7 @@ export async function run(args: string[] = []): Promise<void> {
       );
     }
     process.stdout.write(
-      `set up ${vms} VMs (cgroup + netns + veth + egress rule) in ${((performance.now() - t0) / 1000).toFixed(1)} s\n`,
+      `set up ${vms} VMs (cgroup + netns + veth + egress) in ${((performance.now() - t0) / 1000).toFixed(1)} s\n`,
     );
 
     const idle = await cpuPercentOver(seconds * 1000);
