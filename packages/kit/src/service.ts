@@ -139,7 +139,7 @@ export async function startService<S extends ConfigSpec>(
     }
     const serviceToken = resolveServiceToken(config.serviceToken, dataDir);
 
-    const db = openServiceDatabase(def.name, config, dataDir);
+    const db = openServiceDatabase(def.name, config, dataDir, log);
     cleanups.push(() => db.close());
     await waitForDatabase(db, config.databaseConnectTimeout, log);
     const applied = await migrate(db.db, def.name, def.migrations);
@@ -262,7 +262,7 @@ export async function migrateService(
   >;
   const dataDir = resolveDataDir(config.dataDir);
   const log = opts.log ?? createLogger({ service: def.name, level: config.logLevel });
-  const db = openServiceDatabase(def.name, config, dataDir);
+  const db = openServiceDatabase(def.name, config, dataDir, log);
   try {
     await waitForDatabase(db, config.databaseConnectTimeout, log);
     return { location: db.location, applied: await migrate(db.db, def.name, def.migrations) };
@@ -271,10 +271,16 @@ export async function migrateService(
   }
 }
 
-function openServiceDatabase(name: ServiceName, config: { databaseUrl: string }, dataDir: string) {
+function openServiceDatabase(
+  name: ServiceName,
+  config: { databaseUrl: string },
+  dataDir: string,
+  log: Logger,
+) {
   return openDatabase<unknown>({
     url: config.databaseUrl,
     defaultSqlitePath: path.join(dataDir, "db", `${name}.sqlite`),
+    onCheckpointError: (message) => log.warn({ err: message }, "SQLite WAL checkpoint failed"),
   });
 }
 

@@ -1,3 +1,4 @@
+import fs from "node:fs";
 import path from "node:path";
 import SQLite from "better-sqlite3";
 import { type Kysely, sql } from "kysely";
@@ -211,6 +212,64 @@ describe("withStatementCache", () => {
       expect(streamed).toEqual(["w0", "w1", "w2"]);
     } finally {
       await database.close();
+      dir.remove();
+    }
+  });
+});
+
+describe("SQLite WAL checkpoints", () => {
+  /** Writes ~8 MiB (over SQLite's default 1000-page autocheckpoint) in one commit; returns the file sizes. */
+  async function writeBulk(database: Database<{ blobs: { id: number; data: Buffer } }>, file: string) {
+    await sql`create table blobs (id integer primary key, data blob)`.execute(database.db);
+    await database.db.transaction().execute(async (tx) => {
+      for (let i = 0; i < 128; i++)
+        await tx
+          .insertInto("blobs")
+          .values({ id: i, data: Buffer.alloc(64 * 1024, i) })
+          .execute();
+    });
+    return { db: fs.statSync(file).size, wal: fs.statSync(`${file}-wal`).size };
+  }
+
+  it("never checkpoints inside a commit: a worker thread does, off the event loop", async () => {
+    const dir = tempDir();
+    const file = path.join(dir.path, "t.sqlite");
+    const slow = openDatabase<{ blobs: { id: number; data: Buffer } }>({
+      url: "",
+      defaultSqlitePath: file,
+      checkpointIntervalMs: 60_000,
+    });
+    try {
+      // The commit left all 8 MiB in the log: no checkpoint ran on the committing connection.
+      const sizes = await writeBulk(slow, file);
+      expect(sizes.wal).toBeGreaterThan(8 * 1024 * 1024);
+      expect(sizes.db).toBeLessThan(1024 * 1024);
+    } finally {
+      await slow.close();
+    }
+    // Closing the last connection checkpoints the whole log and removes it.
+    expect(fs.statSync(file).size).toBeGreaterThan(8 * 1024 * 1024);
+    expect(fs.existsSync(`${file}-wal`)).toBe(false);
+
+    const file2 = path.join(dir.path, "t2.sqlite");
+    const quick = openDatabase<{ blobs: { id: number; data: Buffer } }>({
+      url: "",
+      defaultSqlitePath: file2,
+      checkpointIntervalMs: 20,
+    });
+    try {
+      await writeBulk(quick, file2);
+      // The checkpointer thread copies the log into the database while the connection stays open.
+      for (let i = 0; i < 200 && fs.statSync(file2).size < 8 * 1024 * 1024; i++)
+        await new Promise((r) => setTimeout(r, 10));
+      expect(fs.statSync(file2).size).toBeGreaterThan(8 * 1024 * 1024);
+      const rows = await quick.db
+        .selectFrom("blobs")
+        .select((eb) => eb.fn.countAll<number>().as("n"))
+        .executeTakeFirst();
+      expect(Number(rows?.n)).toBe(128);
+    } finally {
+      await quick.close();
       dir.remove();
     }
   });

@@ -3,6 +3,7 @@ import path from "node:path";
 import SQLite from "better-sqlite3";
 import { Kysely, PostgresDialect, SqliteDialect, sql } from "kysely";
 import pg from "pg";
+import { startCheckpointer } from "./checkpointer.js";
 
 export type DialectName = "sqlite" | "postgres";
 
@@ -24,6 +25,10 @@ export interface DatabaseOptions {
   defaultSqlitePath: string;
   /** Pool size for PostgreSQL. */
   poolMax?: number;
+  /** SQLite: a WAL checkpoint on the checkpointer thread failed (the log keeps growing meanwhile). */
+  onCheckpointError?: (message: string) => void;
+  /** SQLite: how often the checkpointer thread checkpoints (default 500 ms). */
+  checkpointIntervalMs?: number;
 }
 
 const INT8_OID = 20;
@@ -68,8 +73,14 @@ export function openDatabase<DB>(opts: DatabaseOptions): Database<DB> {
   sqlite.pragma("synchronous = NORMAL");
   sqlite.pragma("busy_timeout = 5000");
   sqlite.pragma("foreign_keys = ON");
+  // Checkpoints run on a worker thread, off the event loop (checkpointer.ts).
+  sqlite.pragma("wal_autocheckpoint = 0");
+  const checkpointer = startCheckpointer(file, {
+    onError: opts.onCheckpointError,
+    intervalMs: opts.checkpointIntervalMs,
+  });
   const db = new Kysely<DB>({ dialect: new SqliteDialect({ database: withStatementCache(sqlite) }) });
-  return makeDatabase(db, "sqlite", file);
+  return makeDatabase(db, "sqlite", file, () => checkpointer.stop());
 }
 
 /** Distinct SQL texts kept prepared; `IN (?, …)` lists of many lengths make the set open-ended. */
@@ -107,7 +118,12 @@ export function withStatementCache(
   } as Pick<SQLite.Database, "prepare" | "close">;
 }
 
-function makeDatabase<DB>(db: Kysely<DB>, dialect: DialectName, location: string): Database<DB> {
+function makeDatabase<DB>(
+  db: Kysely<DB>,
+  dialect: DialectName,
+  location: string,
+  beforeClose?: () => Promise<void>,
+): Database<DB> {
   let closed = false;
   return {
     db,
@@ -127,6 +143,7 @@ function makeDatabase<DB>(db: Kysely<DB>, dialect: DialectName, location: string
     async close() {
       if (closed) return;
       closed = true;
+      await beforeClose?.();
       await db.destroy();
     },
   };
