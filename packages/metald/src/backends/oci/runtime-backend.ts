@@ -231,28 +231,30 @@ export function createOciRuntimeBackend(rt: OciRuntime, opts: OciBackendOptions 
   }
 
   async function boot(spec: VmSpec): Promise<BackendHandle> {
-    const l = await prepared(spec);
-    const previous = await readProcessRecord(l.record);
+    const layout = bundleLayout(spec.dir, name);
+    // Independent reads, at once: BootVm waits for all of them before the runtime starts.
+    const [l, previous, createdBefore, missing, logOffset] = await Promise.all([
+      prepared(spec),
+      readProcessRecord(layout.record),
+      readJson<string[]>(layout.cgroupsCreated),
+      missingCgroupDirs(containerCgroupPath(spec, name)),
+      fs.stat(spec.consoleLog).then(
+        (s) => s.size,
+        () => 0,
+      ),
+    ]);
     if (previous && (await isAlive(previous))) {
       throw new FailedPreconditionError(
         `VM ${spec.vmId} is already running (${name} container pid ${previous.pid})`,
       );
     }
-    // A record left by an earlier boot (shut down, or crashed) would make `create` fail.
-    await forceDelete(spec);
-    await fs.rm(l.pidFile, { force: true });
-
-    const cgroupRel = containerCgroupPath(spec, name);
-    const created = new Set([
-      ...((await readJson<string[]>(l.cgroupsCreated)) ?? []),
-      ...(await missingCgroupDirs(cgroupRel)),
+    const created = new Set([...(createdBefore ?? []), ...missing]);
+    await Promise.all([
+      // A record left by an earlier boot (shut down, or crashed) would make `create` fail.
+      forceDelete(spec).then(() => fs.rm(l.pidFile, { force: true })),
+      fs.writeFile(l.cgroupsCreated, `${JSON.stringify([...created])}\n`),
     ]);
-    await fs.writeFile(l.cgroupsCreated, `${JSON.stringify([...created])}\n`);
 
-    const logOffset = await fs.stat(spec.consoleLog).then(
-      (s) => s.size,
-      () => 0,
-    );
     // One `run --detach` (create + start in one runtime process: a separate `start` costs another
     // ~9 ms of runtime start-up). A metald crash before the record below is written is caught by
     // the manager's interrupted-boot recovery, which deletes the container through the runtime.
