@@ -1,7 +1,6 @@
 import { existsSync } from "node:fs";
-import type { Backend, ProbeResult } from "./backend.js";
-import { commandVersion } from "./command.js";
-import { createOciRuntimeBackend, type OciBackendOptions } from "./oci/runtime-backend.js";
+import type { Backend } from "./backend.js";
+import { createOciRuntimeBackend, type OciBackendOptions, probeOciRuntime } from "./oci/runtime-backend.js";
 
 export interface GvisorBackendOptions extends OciBackendOptions {
   /** The runsc binary (default: `runsc` on PATH). */
@@ -51,27 +50,14 @@ export function createGvisorBackend(opts: GvisorBackendOptions = {}): Backend {
       // The sandbox's memory includes gVisor's own kernel: capping it at the VM's size would
       // starve the workload, so metald's cgroup limits memory, and the VM's vCPUs cap CPU here.
       limits: { memory: false, cpu: true },
-      async probe(): Promise<ProbeResult> {
-        const base = { isolation: "sandbox" as const, accelerated: platform === "kvm" };
-        if (process.getuid?.() !== 0) {
-          return {
-            ...base,
-            available: false,
-            reason: "runsc needs root here (mounts, namespaces, cgroups)",
-            version: "",
-          };
-        }
-        const version = await commandVersion(binary, "--version");
-        if (!version) {
-          return {
-            ...base,
-            available: false,
-            reason: `${binary} is not installed (Debian package runsc)`,
-            version: "",
-          };
-        }
-        return { ...base, available: true, reason: `gVisor on the ${platform} platform`, version };
-      },
+      probe: () =>
+        probeOciRuntime({
+          binary,
+          debianPackage: "runsc",
+          isolation: "sandbox",
+          accelerated: platform === "kvm",
+          available: `gVisor on the ${platform} platform`,
+        }),
     },
     opts,
   );

@@ -1,6 +1,5 @@
-import type { Backend, ProbeResult } from "./backend.js";
-import { commandVersion } from "./command.js";
-import { createOciRuntimeBackend, type OciBackendOptions } from "./oci/runtime-backend.js";
+import type { Backend } from "./backend.js";
+import { createOciRuntimeBackend, type OciBackendOptions, probeOciRuntime } from "./oci/runtime-backend.js";
 
 export interface RuncBackendOptions extends OciBackendOptions {
   /** The runc binary (default: `runc` on PATH). */
@@ -27,27 +26,14 @@ export function createRuncBackend(opts: RuncBackendOptions = {}): Backend {
       network: (spec) =>
         spec.network ? { kind: "join", path: spec.network.netnsPath } : { kind: "private" },
       limits: { memory: true, cpu: true },
-      async probe(): Promise<ProbeResult> {
-        const base = { isolation: "container" as const, accelerated: false };
-        if (process.getuid?.() !== 0) {
-          return {
-            ...base,
-            available: false,
-            reason: "runc needs root (mounts, namespaces, cgroups)",
-            version: "",
-          };
-        }
-        const version = await commandVersion(binary);
-        if (!version) {
-          return {
-            ...base,
-            available: false,
-            reason: `${binary} is not installed (Debian package runc)`,
-            version: "",
-          };
-        }
-        return { ...base, available: true, reason: "runc runs containers on the host kernel", version };
-      },
+      probe: () =>
+        probeOciRuntime({
+          binary,
+          debianPackage: "runc",
+          isolation: "container",
+          accelerated: false,
+          available: "runc runs containers on the host kernel",
+        }),
     },
     opts,
   );

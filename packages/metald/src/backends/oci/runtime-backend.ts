@@ -17,7 +17,7 @@ import {
   type VmSpec,
 } from "../backend.js";
 import { missingCgroupDirs, normalizeCgroupPath, removeCgroupDirs } from "../cgroups.js";
-import { BackendCommandError, runCommand } from "../command.js";
+import { BackendCommandError, commandVersion, runCommand } from "../command.js";
 import { unmountUnder } from "../mounts.js";
 import {
   identify,
@@ -48,6 +48,39 @@ export interface OciRuntime {
   network(spec: VmSpec): OciNetwork;
   limits: { memory: boolean; cpu: boolean };
   probe(): Promise<ProbeResult>;
+}
+
+/**
+ * Whether an OCI runtime can run here: it needs root (mounts, namespaces, cgroups) and its binary.
+ * `available` is the reason given when it can.
+ */
+export async function probeOciRuntime(o: {
+  binary: string;
+  debianPackage: string;
+  versionArg?: string;
+  isolation: ProbeResult["isolation"];
+  accelerated: boolean;
+  available: string;
+}): Promise<ProbeResult> {
+  const base = { isolation: o.isolation, accelerated: o.accelerated };
+  if (process.getuid?.() !== 0) {
+    return {
+      ...base,
+      available: false,
+      reason: `${o.debianPackage} needs root (mounts, namespaces, cgroups)`,
+      version: "",
+    };
+  }
+  const version = await commandVersion(o.binary, o.versionArg);
+  if (!version) {
+    return {
+      ...base,
+      available: false,
+      reason: `${o.binary} is not installed (Debian package ${o.debianPackage})`,
+      version: "",
+    };
+  }
+  return { ...base, available: true, reason: o.available, version };
 }
 
 /** Files of one VM under `<spec.dir>/<backend>/`: everything the backend makes, so delete finds it all. */
