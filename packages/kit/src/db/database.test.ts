@@ -219,7 +219,11 @@ describe("withStatementCache", () => {
 
 describe("SQLite WAL checkpoints", () => {
   /** Writes ~8 MiB (over SQLite's default 1000-page autocheckpoint) in one commit; returns the file sizes. */
-  async function writeBulk(database: Database<{ blobs: { id: number; data: Buffer } }>, file: string) {
+  type Blobs = { blobs: { id: number; data: Buffer } };
+  const open = (file: string, checkpointIntervalMs: number) =>
+    openDatabase<Blobs>({ url: "", defaultSqlitePath: file, checkpointIntervalMs });
+
+  async function writeBulk(database: Database<Blobs>, file: string) {
     await sql`create table blobs (id integer primary key, data blob)`.execute(database.db);
     await database.db.transaction().execute(async (tx) => {
       for (let i = 0; i < 128; i++)
@@ -234,11 +238,7 @@ describe("SQLite WAL checkpoints", () => {
   it("never checkpoints inside a commit: a worker thread does, off the event loop", async () => {
     const dir = tempDir();
     const file = path.join(dir.path, "t.sqlite");
-    const slow = openDatabase<{ blobs: { id: number; data: Buffer } }>({
-      url: "",
-      defaultSqlitePath: file,
-      checkpointIntervalMs: 60_000,
-    });
+    const slow = open(file, 60_000);
     try {
       // The commit left all 8 MiB in the log: no checkpoint ran on the committing connection.
       const sizes = await writeBulk(slow, file);
@@ -252,11 +252,7 @@ describe("SQLite WAL checkpoints", () => {
     expect(fs.existsSync(`${file}-wal`)).toBe(false);
 
     const file2 = path.join(dir.path, "t2.sqlite");
-    const quick = openDatabase<{ blobs: { id: number; data: Buffer } }>({
-      url: "",
-      defaultSqlitePath: file2,
-      checkpointIntervalMs: 20,
-    });
+    const quick = open(file2, 20);
     try {
       await writeBulk(quick, file2);
       // The checkpointer thread copies the log into the database while the connection stays open.
