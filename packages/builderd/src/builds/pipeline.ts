@@ -82,7 +82,7 @@ export interface PipelineDeps {
   busyboxPath: string;
   /** Moves a directory out of the way, to be deleted later (the extracted tree, once in the image). */
   discard(dir: string): Promise<void>;
-  /** Hash the ext4 image here; off when assetmanagerd hashes it while registering it. */
+  /** Hash and fsync the ext4 image here; off when assetmanagerd does both while registering it. */
   checksum: boolean;
   log: Logger;
   report: Reporter;
@@ -190,11 +190,11 @@ export async function runPipeline(spec: BuildSpec, deps: PipelineDeps): Promise<
   /**
    * Applies one layer. A file still downloading is applied as it grows; the layer counts as
    * applied only once its download is verified too — a digest mismatch fails the build (and
-   * stops the extraction), so no unverified content survives into a rootfs.
+   * stops the extraction), so no unverified content survives into a rootfs. Verified is enough:
+   * the next layer need not wait for this one's fsync into the cache.
    */
   const applyLayer = async (
     ready: string | GrowingFile,
-    verified: Promise<string>,
     compression: (typeof image.layers)[number]["compression"],
     usedBytes: number,
   ) => {
@@ -207,7 +207,7 @@ export async function runPipeline(spec: BuildSpec, deps: PipelineDeps): Promise<
     try {
       const applying = deps.applier.apply(paths.rootfs, ready, compression, { ...opts, signal: stop.signal });
       // A failed download stops the extraction waiting for its bytes.
-      const downloaded = verified.catch((err) => {
+      const downloaded = ready.verified.catch((err) => {
         stop.abort(err);
         throw err;
       });
@@ -232,7 +232,7 @@ export async function runPipeline(spec: BuildSpec, deps: PipelineDeps): Promise<
       const ready = await Promise.race([downloads[i]!, growing[i]!.promise]);
       signal.throwIfAborted();
       await report.stage("extracting", `extracting layer ${i + 1}/${image.layers.length}`);
-      const result = await applyLayer(ready, downloads[i]!, layer.compression, usedBytes);
+      const result = await applyLayer(ready, layer.compression, usedBytes);
       usedBytes += result.bytesWritten;
       for (const s of result.skipped) report.log("warn", "extract", `skipped ${s.path}: ${s.reason}`);
       report.progress({ layersDone: i + 1 });
@@ -241,7 +241,8 @@ export async function runPipeline(spec: BuildSpec, deps: PipelineDeps): Promise<
         bytes: result.bytesWritten,
       });
     }
-    await allDownloaded;
+    // Every layer is verified; their commits into the cache (fsync, rename) finish while the
+    // image is made, and are awaited before the build succeeds.
     const pullDurationMs = performance.now() - pullStarted;
     const extractDurationMs = performance.now() - tExtract;
 
@@ -283,7 +284,11 @@ export async function runPipeline(spec: BuildSpec, deps: PipelineDeps): Promise<
       });
     }
     report.progress({ step: "making the ext4 image" });
-    const ext4 = await buildExt4(paths.rootfs, paths.artifact, { signal, checksum: deps.checksum });
+    const ext4 = await buildExt4(paths.rootfs, paths.artifact, {
+      signal,
+      checksum: deps.checksum,
+      sync: deps.checksum,
+    });
     if (spec.optimization.maxSizeBytes > 0 && ext4.sizeBytes > spec.optimization.maxSizeBytes) {
       throw new RootfsTooLargeError(ext4.sizeBytes, spec.optimization.maxSizeBytes);
     }
@@ -292,6 +297,7 @@ export async function runPipeline(spec: BuildSpec, deps: PipelineDeps): Promise<
     // deleted in the background once the build's result is recorded (builds/trash.ts).
     await deps.discard(paths.rootfs);
     await deps.discard(paths.temp);
+    await allDownloaded;
     const optimizeDurationMs = performance.now() - tOptimize;
 
     return {

@@ -132,6 +132,33 @@ describe("layer cache", () => {
     expect(again).toBe(false);
   });
 
+  it("says a growing file is verified before its blob is committed, and rejects a wrong one", async () => {
+    const { cache } = fresh();
+    const follow = (l: LayerInfo, data: Buffer) => {
+      let grown!: (g: GrowingFile) => void;
+      const growing = new Promise<GrowingFile>((r) => {
+        grown = r;
+      });
+      return { growing, committed: cache.ingest(l, async () => slowStream(data), undefined, grown) };
+    };
+    const good = follow(layer, blob);
+    const g = await good.growing;
+    await g.verified;
+    // Verified first: the fsync and the rename into the cache come after.
+    expect(fs.existsSync(cache.path(layer.digest))).toBe(false);
+    expect(await good.committed).toBe(cache.path(layer.digest));
+    expect(fs.existsSync(cache.path(layer.digest))).toBe(true);
+    g.close();
+
+    const wrong = Buffer.from(blob);
+    wrong[7] = 1;
+    const bad = follow({ ...layer, digest: sha256(Buffer.alloc(blob.length, 4)) }, wrong);
+    await expect(bad.committed).rejects.toBeInstanceOf(DigestMismatchError);
+    const b = await bad.growing;
+    await expect(b.verified).rejects.toBeInstanceOf(DigestMismatchError);
+    b.close();
+  });
+
   it("leaves nothing in the cache when the bytes do not match the digest", async () => {
     const { dir, cache } = fresh();
     const wrong = Buffer.from(blob);

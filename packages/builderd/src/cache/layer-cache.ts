@@ -10,7 +10,7 @@ import type { LayerInfo } from "../sources/source.js";
 /**
  * A tenant's layer cache: compressed layer blobs as pulled, content-addressed under
  * `<dir>/sha256/<hex>`. Ingest, verify, then commit (containerd's order): bytes land in a temp
- * file beside their final name, are hashed as they stream, fsynced, checked for size and digest,
+ * file beside their final name, are hashed as they stream, checked for size and digest, fsynced,
  * and only then renamed into place — so a blob under its digest is always complete and correct,
  * and a crash leaves at most a temp file that `cleanup` removes. One download per digest at a
  * time: concurrent ingests of the same layer share it (and its progress).
@@ -22,7 +22,7 @@ export interface LayerCache {
    * Ensures the blob is in the cache: downloads via open() to a temp file in the same dir,
    * verifies sha256+size, fsyncs, renames. Concurrent ingests of one digest share one download.
    * onBytes reports progress. onGrowing, when this call starts the download, receives the temp
-   * file as it is written (to extract while it streams; unverified until the ingest resolves).
+   * file as it is written (to extract while it streams; unverified until its `verified` resolves).
    * Returns the path.
    */
   ingest(
@@ -48,6 +48,12 @@ export interface GrowingFile {
   readonly size: number;
   /** Calls fn after every write with the new `written`; returns the unsubscribe. */
   watch(fn: (written: number) => void): () => void;
+  /**
+   * Settles once every byte is in: resolves if size and sha256 match, rejects with the download's
+   * error otherwise. It comes before the blob is durable and committed (the ingest's own promise),
+   * so a reader need not wait for the fsync.
+   */
+  readonly verified: Promise<void>;
   close(): void;
 }
 
@@ -86,8 +92,9 @@ export function createLayerCache(dir: string): LayerCache {
     let size = 0;
     const out = await fsp.open(temp, "wx", 0o644);
     let writing: Promise<void> = Promise.resolve();
+    let growing: ReturnType<typeof growingFile> | undefined;
     try {
-      const growing = onGrowing ? growingFile(temp, layer.size) : undefined;
+      growing = onGrowing ? growingFile(temp, layer.size) : undefined;
       if (growing) onGrowing!(growing.file);
       // Network chunks (~64 KiB) are gathered into batches written with one writev each, one
       // batch in flight while the next arrives: fewer syscalls and stream hops per byte.
@@ -122,7 +129,6 @@ export function createLayerCache(dir: string): LayerCache {
       }
       await flush();
       await writing;
-      await out.sync();
       const actual = `sha256:${hash.digest("hex")}`;
       if (size !== layer.size) {
         throw new DigestMismatchError(
@@ -133,10 +139,13 @@ export function createLayerCache(dir: string): LayerCache {
         );
       }
       if (actual !== layer.digest) throw new DigestMismatchError("layer", layer.digest, actual);
+      growing?.verify();
+      await out.sync();
       await out.close();
       await fsp.chmod(temp, 0o444);
       await fsp.rename(temp, final);
     } catch (err) {
+      growing?.verify(err);
       await writing.catch(() => {});
       await out.close().catch(() => {});
       await fsp.rm(temp, { force: true });
@@ -222,15 +231,22 @@ async function writeAllAt(handle: fsp.FileHandle, buffers: Buffer[], position: n
 export function growingFile(
   file: string,
   size: number,
-): { file: GrowingFile; advance(written: number): void } {
+): { file: GrowingFile; advance(written: number): void; verify(err?: unknown): void } {
   const fd = fs.openSync(file, "r");
   const watchers = new Set<(written: number) => void>();
   let written = 0;
   let closed = false;
+  let settle!: (err?: unknown) => void;
+  const verified = new Promise<void>((resolve, reject) => {
+    settle = (err) => (err === undefined ? resolve() : reject(err));
+  });
+  // Readers that stopped following (a failed extraction) must not leave it unhandled.
+  verified.catch(() => {});
   return {
     file: {
       fd,
       size,
+      verified,
       get written() {
         return written;
       },
@@ -249,5 +265,6 @@ export function growingFile(
       written = n;
       for (const w of watchers) w(n);
     },
+    verify: (err) => settle(err),
   };
 }
