@@ -12,6 +12,7 @@ declare -A WHY=(
   [runsc]="gVisor backend (metald)"
   [runc]="runc backend (metald)"
   [e2fsprogs]="mkfs.ext4 -d builds rootfs images without mounting (builderd)"
+  [libeatmydata1]="lets mkfs.ext4 skip its own fsyncs; builderd flushes the image once, while hashing it"
   [busybox-static]="static busybox injected as the VM init's shell and used for the initramfs"
   [tini]="tini-static, the VM init's PID 1 reaper"
   [docker-registry]="a real OCI registry for pull tests"
@@ -22,7 +23,7 @@ declare -A WHY=(
   [iptables]="port forwarding and egress rules in Kiln's own chains (metald)"
   [ca-certificates]="TLS to registries"
 )
-ORDER=(qemu-system-x86 qemu-utils linux-image-cloud-amd64 runsc runc e2fsprogs busybox-static tini docker-registry skopeo umoci apache2-utils iproute2 iptables ca-certificates)
+ORDER=(qemu-system-x86 qemu-utils linux-image-cloud-amd64 runsc runc e2fsprogs libeatmydata1 busybox-static tini docker-registry skopeo umoci apache2-utils iproute2 iptables ca-certificates)
 
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 

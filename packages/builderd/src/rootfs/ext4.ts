@@ -16,6 +16,11 @@ export interface Ext4Options {
   mkfsPath?: string;
   /** Compute the image's sha256 (default true). Off when assetmanagerd hashes it on registration anyway. */
   checksum?: boolean;
+  /**
+   * fsync the image before returning (default true). Off when the image is handed to something
+   * that makes it durable itself: assetmanagerd fsyncs a registered file while it hashes it.
+   */
+  sync?: boolean;
   signal?: AbortSignal;
 }
 
@@ -40,6 +45,8 @@ export class MkfsError extends InternalError {
  * comes from the content, counted the way ext4 stores it (4 KiB blocks, each inode once,
  * directories, long symlinks, inode table, journal), plus headroom for the workload. If the
  * estimate is ever short, mkfs says so and the image is made again with 50% more blocks and inodes.
+ * mkfs's own fsyncs are skipped where Debian's libeatmydata is installed: the image is flushed
+ * once at the end instead, while it is hashed (for 156 MiB, ~45 ms less than mkfs syncing).
  * Returns the image size and its digest ("sha256:…").
  */
 export async function buildExt4(
@@ -86,10 +93,26 @@ export async function buildExt4(
     }
   }
 
-  if (opts.checksum === false) return { sizeBytes: size, sha256: undefined };
+  const [sha256] = await Promise.all([
+    opts.checksum === false ? undefined : hashFile(outFile, opts.signal),
+    opts.sync === false ? undefined : syncFile(outFile),
+  ]);
+  return { sizeBytes: size, sha256 };
+}
+
+async function hashFile(file: string, signal?: AbortSignal): Promise<string> {
   const hash = createHash("sha256");
-  await pipeline(createReadStream(outFile, { highWaterMark: MiB }), hash, { signal: opts.signal });
-  return { sizeBytes: size, sha256: `sha256:${hash.digest("hex")}` };
+  await pipeline(createReadStream(file, { highWaterMark: MiB }), hash, { signal });
+  return `sha256:${hash.digest("hex")}`;
+}
+
+async function syncFile(file: string): Promise<void> {
+  const fh = await fs.open(file, "r");
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
 }
 
 /** An image's size (whole MiB) and inode count. */
@@ -218,9 +241,25 @@ function mkfsBinary(): string {
   return ["/usr/sbin/mkfs.ext4", "/sbin/mkfs.ext4"].find((p) => existsSync(p)) ?? "mkfs.ext4";
 }
 
+/** Multiarch directories where Debian installs libeatmydata (package eatmydata). */
+const EATMYDATA = [
+  "/usr/lib/x86_64-linux-gnu/libeatmydata.so.1",
+  "/usr/lib/aarch64-linux-gnu/libeatmydata.so.1",
+  "/usr/lib/libeatmydata.so.1",
+];
+let eatmydata: string | null | undefined;
+
+/** The environment for mkfs: with its fsyncs turned into no-ops when libeatmydata is there. */
+function mkfsEnv(): NodeJS.ProcessEnv | undefined {
+  eatmydata ??= EATMYDATA.find((p) => existsSync(p)) ?? null;
+  if (!eatmydata) return undefined;
+  const preload = [process.env.LD_PRELOAD, eatmydata].filter(Boolean).join(" ");
+  return { ...process.env, LD_PRELOAD: preload };
+}
+
 async function run(cmd: string, args: string[], signal?: AbortSignal): Promise<void> {
   // Through the spawn helper: a fork of the service itself would stall its event loop.
-  const r = await sharedSpawner().run(cmd, args, { signal });
+  const r = await sharedSpawner().run(cmd, args, { signal, env: mkfsEnv() });
   if (r.code === 0) return;
   if (r.startError?.code === "ENOENT") {
     throw new FailedPreconditionError("mkfs.ext4 is not installed: install the e2fsprogs package");
