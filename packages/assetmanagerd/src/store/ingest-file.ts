@@ -190,13 +190,19 @@ export async function openIngestFile(
   };
 }
 
-/** The ingest of a file taken by hard link (adopt): nothing to write, only to fsync. */
+/**
+ * The ingest of a file taken by hard link (adopt): nothing to write, only to fsync. The fsync
+ * starts at once, so the disk flushes while the caller reads the file to hash it.
+ */
 export function adoptedFile(handle: fsp.FileHandle): IngestFile {
   let closed = false;
+  const syncing = handle.sync();
+  // Surfaced by finish(); a writer closed before finishing does not care.
+  syncing.catch(() => {});
   return {
     direct: false,
     async write() {},
-    finish: () => handle.sync(),
+    finish: () => syncing,
     async close() {
       if (closed) return;
       closed = true;
