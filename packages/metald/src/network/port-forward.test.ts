@@ -89,6 +89,57 @@ describe("port forwarding", () => {
     }
   });
 
+  it("passes small writes on at once (no Nagle), so a reply in two writes is not held back", async () => {
+    // The VM's server answers each "g" with "a", then "b" 2 ms later: a reply in two writes, as
+    // HTTP servers write headers and body. With Nagle on the forwarder's sockets "b" waited for
+    // the client's delayed ACK of "a", ~40 ms a turn.
+    const child = nodeInNetns(
+      vm.netnsName,
+      `const net = require("node:net");
+       const srv = net.createServer({ noDelay: true }, (s) => s.on("data", () => {
+         s.write("a"); setTimeout(() => s.write("b"), 2);
+       }));
+       srv.listen(8082, ${JSON.stringify(vm.guestIp)}, () => process.stdout.write("ready\\n"));`,
+    );
+    try {
+      let stderr = "";
+      child.stderr!.on("data", (d) => {
+        stderr += d;
+      });
+      await new Promise((resolve, reject) => {
+        child.stdout!.once("data", resolve);
+        child.once("exit", () => reject(new Error(`the VM's test server exited: ${stderr}`)));
+      });
+      forwarder = createPortForwarder();
+      const alloc = await ports.allocate(vmId, { containerPort: 8082 });
+      await forwarder.forward(vmId, { hostPort: alloc.hostPort, guestIp: vm.guestIp, containerPort: 8082 });
+      const sock = net.connect({ host: "127.0.0.1", port: alloc.hostPort, noDelay: true });
+      await new Promise((resolve) => sock.once("connect", resolve));
+      const took: number[] = [];
+      let got = "";
+      let turnDone: () => void = () => {};
+      sock.on("data", (d) => {
+        got += d;
+        if (got.endsWith("b")) turnDone();
+      });
+      // Past Linux's quick-ACK start of a connection, where ACKs are not delayed yet.
+      for (let i = 0; i < 40; i++) {
+        const t = performance.now();
+        got = "";
+        await new Promise<void>((resolve) => {
+          turnDone = resolve;
+          sock.write("g");
+        });
+        took.push(performance.now() - t);
+      }
+      sock.destroy();
+      const late = took.slice(20).sort((a, b) => a - b);
+      expect(late[10]).toBeLessThan(20);
+    } finally {
+      child.kill();
+    }
+  });
+
   it("listens on the configured bind address as well", async () => {
     // The uplink's host address stands in for the host's bind address (an address on this machine).
     forwarder = createPortForwarder({ bindAddresses: [network.layout.uplink.host] });

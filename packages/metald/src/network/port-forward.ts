@@ -86,10 +86,13 @@ export function createPortForwarder(opts: PortForwarderOptions = {}): PortForwar
       },
     };
     const onClient = (client: net.Socket) => {
+      // No Nagle on either side: a proxy must not hold back the endpoints' small writes for a
+      // delayed ACK (~40 ms per request/response turn); they choose their own segmenting.
       const upstream = net.connect({
         host: spec.guestIp,
         port: spec.containerPort,
         timeout: connectTimeoutMs,
+        noDelay: true,
       });
       clients.add(client);
       upstreams.add(upstream);
@@ -121,7 +124,7 @@ export function createPortForwarder(opts: PortForwarderOptions = {}): PortForwar
     };
     try {
       for (const host of addresses) {
-        const srv = net.createServer({ pauseOnConnect: false }, onClient);
+        const srv = net.createServer({ pauseOnConnect: false, noDelay: true }, onClient);
         servers.push(srv);
         await new Promise<void>((resolve, reject) => {
           srv.once("error", reject);
