@@ -10,7 +10,8 @@
  *    network). Target: ≥ 0.5× cp's throughput.
  * 2. PrepareAssets latency for a kernel + rootfs pair hard-linked into a fresh VM directory per
  *    call, p50/p99 over 200 calls: as a client in another process sees it (Connect over
- *    HTTP/1.1), and through the in-process transport (the service's own share). Target: < 5 ms.
+ *    HTTP/1.1, then over HTTP/2 as gRPC clients call), and through the in-process transport (the
+ *    service's own share). Target: < 5 ms.
  */
 import { execFile } from "node:child_process";
 import { randomFillSync } from "node:crypto";
@@ -79,6 +80,23 @@ async function measuredUpload<T>(
   return { ms, res, serviceCpuMs, clientCpuMs: (clientCpu.user + clientCpu.system) / 1000 };
 }
 
+/** Latencies (sorted) of `n` PrepareAssets calls made by `call(target)`, after 10 warm-up calls. */
+async function prepareLatencies(
+  n: number,
+  prefix: string,
+  call: (targetPath: string) => Promise<{ assetPaths: Record<string, string> }>,
+): Promise<number[]> {
+  for (let i = 0; i < 10; i++) await call(`warmup-${prefix}/vm_${i}`);
+  const latencies: number[] = [];
+  for (let i = 0; i < n; i++) {
+    const [ms, res] = await timed(() => call(`${prefix}/vm_${i}/root`));
+    if (Object.keys(res.assetPaths).length !== 2)
+      throw new Error("PrepareAssets placed fewer files than asked");
+    latencies.push(ms);
+  }
+  return latencies.sort((a, b) => a - b);
+}
+
 function percentile(sorted: number[], p: number): number {
   return sorted[Math.min(sorted.length - 1, Math.ceil((p / 100) * sorted.length) - 1)]!;
 }
@@ -135,20 +153,14 @@ export async function run(args: string[]): Promise<void> {
     const ids = [kernel.asset!.id, uploaded.asset!.id];
     // Let the writeback of this run's gigabytes finish first: it would slow every mkdir and link.
     await exec("sync", ["-f", dataDir]);
-    for (let i = 0; i < 10; i++)
-      await client.prepareAssets({ assetIds: ids, targetPath: `warmup/vm_${i}` }, as);
-    const latencies: number[] = [];
-    for (let i = 0; i < prepares; i++) {
-      const [ms, res] = await timed(() =>
-        client.prepareAssets(
-          { assetIds: ids, targetPath: `bench/vm_${i}/root`, preparedFor: `vm:vm_${i}` },
-          as,
-        ),
-      );
-      if (Object.keys(res.assetPaths).length !== 2)
-        throw new Error("PrepareAssets placed fewer files than asked");
-      latencies.push(ms);
-    }
+    const latencies = await prepareLatencies(prepares, "bench", (targetPath) =>
+      client.prepareAssets({ assetIds: ids, targetPath, preparedFor: `vm:${targetPath}` }, as),
+    );
+    // The same over HTTP/2 (h2c), as gRPC clients call.
+    const h2 = assetClient(svc.baseUrl, { binary: true, http2: true });
+    const h2Latencies = await prepareLatencies(prepares, "bench-h2", (targetPath) =>
+      h2.prepareAssets({ assetIds: ids, targetPath }, as),
+    );
     // The same calls inside one process through the service's in-process transport (every
     // interceptor, no HTTP): the service's own share of the latency.
     const inDir = path.join(work, "kiln-in-process");
@@ -160,7 +172,7 @@ export async function run(args: string[]): Promise<void> {
       },
       logDestination: captureLogs().destination,
     });
-    const inProcess: number[] = [];
+    let inProcess: number[];
     try {
       const lc = createClient(AssetManagerService, local.transport);
       const h = { headers: { "x-kiln-tenant-id": "bench", "x-kiln-tenant-tier": "enterprise" } };
@@ -173,18 +185,12 @@ export async function run(args: string[]): Promise<void> {
         h,
       );
       const lids = [k.asset!.id, r.asset!.id];
-      for (let i = 0; i < 10; i++)
-        await lc.prepareAssets({ assetIds: lids, targetPath: `warmup/vm_${i}` }, h);
-      for (let i = 0; i < prepares; i++) {
-        const [ms] = await timed(() =>
-          lc.prepareAssets({ assetIds: lids, targetPath: `bench/vm_${i}/root` }, h),
-        );
-        inProcess.push(ms);
-      }
+      inProcess = await prepareLatencies(prepares, "bench", (targetPath) =>
+        lc.prepareAssets({ assetIds: lids, targetPath }, h),
+      );
     } finally {
       await local.stop();
     }
-    inProcess.sort((a, b) => a - b);
     // Last, so the measurements above run as before: the same upload through the generated
     // Connect client (`client.uploadAsset(stream)` of a read stream's chunks), for comparison.
     const generic = await measuredUpload(svc.pid, async () => {
@@ -205,7 +211,6 @@ export async function run(args: string[]): Promise<void> {
 
     const placed = path.join(dataDir, "vms", "bench", "vm_0", "root", "rootfs.ext4");
     const linked = fs.statSync(placed).ino === fs.statSync(uploaded.asset!.location).ino;
-    latencies.sort((a, b) => a - b);
 
     const mbps = (ms: number) => size / 1e6 / (ms / 1000);
     const uploadMs = upload.ms;
@@ -236,6 +241,9 @@ export async function run(args: string[]): Promise<void> {
     );
     out.write(
       `PrepareAssets (2 assets, ${linked ? "hard links" : "NOT hard links"}) over ${prepares} calls: p50 ${p50.toFixed(2)} ms, p99 ${p99.toFixed(2)} ms, max ${latencies[latencies.length - 1]!.toFixed(2)} ms\n`,
+    );
+    out.write(
+      `PrepareAssets over HTTP/2 over ${prepares} calls: p50 ${percentile(h2Latencies, 50).toFixed(2)} ms, p99 ${percentile(h2Latencies, 99).toFixed(2)} ms\n`,
     );
     out.write(
       `PrepareAssets in-process (no HTTP) over ${prepares} calls: p50 ${percentile(inProcess, 50).toFixed(2)} ms, p99 ${percentile(inProcess, 99).toFixed(2)} ms\n`,
