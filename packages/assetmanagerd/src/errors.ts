@@ -22,6 +22,14 @@ export class AssetIdTakenError extends AlreadyExistsError {
   }
 }
 
+export class LeaseIdTakenError extends AlreadyExistsError {
+  constructor(readonly leaseId: string) {
+    super(
+      `lease id ${leaseId} is taken by another lease: choose a new id, or leave it empty for a generated one`,
+    );
+  }
+}
+
 export class AssetNotAvailableError extends FailedPreconditionError {
   constructor(
     readonly assetId: string,

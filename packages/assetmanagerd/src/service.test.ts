@@ -293,6 +293,17 @@ describe("assetmanagerd service (local storage, SQLite)", () => {
     expect(refused.code).toBe(Code.FailedPrecondition);
     expect(refused.rawMessage).toMatch(/vm:vm_1/);
     await c.acquireAsset({ assetId: id, holder: "vm:vm_2" }, acme());
+    // A lease id the caller chose: taken once, returned again, refused in another form.
+    const mine = { assetId: id, holder: "vm:vm_3", leaseId: "lse_vm3_rootfs" };
+    expect((await c.acquireAsset(mine, acme())).leaseId).toBe("lse_vm3_rootfs");
+    expect((await c.acquireAsset(mine, acme())).lease?.holder).toBe("vm:vm_3");
+    expect((await rpcError(c.acquireAsset({ ...mine, holder: "vm:vm_4" }, acme()))).code).toBe(
+      Code.AlreadyExists,
+    );
+    const badId = await rpcError(c.acquireAsset({ ...mine, leaseId: "vm3" }, acme()));
+    expect(badId.code).toBe(Code.InvalidArgument);
+    expect(badId.rawMessage).toMatch(/lease_id/);
+    expect((await c.getAsset({ id }, acme())).asset?.referenceCount).toBe(3);
     expect((await c.releaseAsset({ leaseId: l.leaseId }, acme())).success).toBe(true);
     expect((await c.releaseAsset({ leaseId: l.leaseId }, acme())).success).toBe(false);
     expect((await c.deleteAsset({ id, force: true }, acme())).success).toBe(true);

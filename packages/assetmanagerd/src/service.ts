@@ -139,6 +139,7 @@ export function createAssetService(deps: AssetServiceDeps): ServiceImpl<typeof A
         req.assetId,
         req.holder,
         Number(req.ttlSeconds),
+        req.leaseId || undefined,
       );
       return { leaseId: lease.leaseId, lease: leaseOut(lease) };
     },

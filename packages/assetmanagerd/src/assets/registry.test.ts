@@ -10,7 +10,7 @@ import {
   tierLimits,
 } from "@kiln/kit";
 import { afterEach, describe, expect, it } from "vitest";
-import { AssetIdTakenError, AssetLeasedError, AssetNotFoundError } from "../errors.js";
+import { AssetIdTakenError, AssetLeasedError, AssetNotFoundError, LeaseIdTakenError } from "../errors.js";
 import { DigestMismatchError } from "../store/blob-store.js";
 import { sha256 } from "../store/blob-store.suite.js";
 import {
@@ -420,6 +420,32 @@ describe.each<TestDialect>(["sqlite", "postgres"])("asset registry on %s", (dial
       await expect(fx.registry.get(tenantA, asset.id)).rejects.toBeInstanceOf(AssetNotFoundError);
       expect(await fx.registry.release(tenantA, l2.leaseId)).toBe(false);
       expect(storedBlobFiles(fx)).toEqual([]);
+    });
+
+    it("takes a lease under the caller's id once; no other asset, holder or tenant gets that id", async () => {
+      fx = await openTestRegistry(dialect);
+      const { asset } = await fx.registry.upload(tenantA, spec(), chunksOf(Buffer.from("chosen")));
+      const other = await fx.registry.upload(tenantA, spec(), chunksOf(Buffer.from("other")));
+      const first = await fx.registry.acquire(tenantA, asset.id, "vm:one", 0, "lse_chosen1");
+      expect(first.leaseId).toBe("lse_chosen1");
+      // Again (a retry, or a caller recovering after a crash): the same lease, not a second one.
+      expect(await fx.registry.acquire(tenantA, asset.id, "vm:one", 0, "lse_chosen1")).toEqual(first);
+      expect((await fx.registry.get(tenantA, asset.id)).referenceCount).toBe(1);
+      for (const [assetId, holder] of [
+        [other.asset.id, "vm:one"],
+        [asset.id, "vm:two"],
+      ] as const) {
+        await expect(fx.registry.acquire(tenantA, assetId, holder, 0, "lse_chosen1")).rejects.toBeInstanceOf(
+          LeaseIdTakenError,
+        );
+      }
+      const theirs = await fx.registry.upload(tenantB, spec(), chunksOf(Buffer.from("chosen")));
+      await expect(
+        fx.registry.acquire(tenantB, theirs.asset.id, "vm:one", 0, "lse_chosen1"),
+      ).rejects.toBeInstanceOf(LeaseIdTakenError);
+      expect((await fx.registry.get(tenantB, theirs.asset.id)).referenceCount).toBe(0);
+      expect(await fx.registry.release(tenantA, "lse_chosen1")).toBe(true);
+      expect((await fx.registry.get(tenantA, asset.id)).referenceCount).toBe(0);
     });
 
     it("deletes a blob only when its last asset goes", async () => {

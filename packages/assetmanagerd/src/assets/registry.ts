@@ -18,6 +18,7 @@ import {
   AssetLeasedError,
   AssetNotAvailableError,
   AssetNotFoundError,
+  LeaseIdTakenError,
   StorageQuotaError,
   UnsafePathError,
   UploadTooLargeError,
@@ -557,11 +558,17 @@ export function createAssetRegistry(deps: RegistryDeps) {
 
   // ---- leases -------------------------------------------------------------------------------
 
+  /**
+   * Takes a lease. With `leaseId` (chosen by the caller) it is idempotent: the same id, asset and
+   * holder again returns the lease as it is, so a caller can record the id first and a crash or a
+   * retry never leaves a lease nobody knows about.
+   */
   async function acquire(
     tenant: TenantContext,
     assetId: string,
     holder: string,
     ttlSeconds: number,
+    leaseId?: string,
   ): Promise<Lease> {
     if (holder.trim() === "" || holder.length > 256) {
       throw new InvalidArgumentError("holder: 1-256 characters naming who holds the lease, e.g. vm:<vm_id>", {
@@ -571,22 +578,36 @@ export function createAssetRegistry(deps: RegistryDeps) {
     const ttlMs = ttlSeconds > 0 ? ttlSeconds * 1000 : settings.leaseDefaultTtlMs;
     const now = clock();
     const lease: LeaseRow = {
-      lease_id: newId("lse"),
+      lease_id: leaseId || newId("lse"),
       asset_id: assetId,
       tenant_id: tenant.tenantId,
       holder,
       acquired_at: now,
       expires_at: ttlMs > 0 ? now + ttlMs : null,
     };
-    await store.transaction(async (tx) => {
-      // The asset row lock orders this against DeleteAsset and GC: a lease is never added to
-      // an asset being deleted, and a delete sees every lease committed before it.
-      const row = await tx.lockAsset(tenant.tenantId, assetId);
-      if (!row) throw new AssetNotFoundError(assetId, tenant.tenantId);
-      if (row.status !== "AVAILABLE") throw new AssetNotAvailableError(assetId, row.status);
-      await tx.insertLease(lease);
-      await tx.touchAssets([assetId], now);
-    });
+    let existing: LeaseRow | undefined;
+    try {
+      existing = await store.transaction(async (tx) => {
+        // The asset row lock orders this against DeleteAsset and GC: a lease is never added to
+        // an asset being deleted, and a delete sees every lease committed before it.
+        const row = await tx.lockAsset(tenant.tenantId, assetId);
+        if (!row) throw new AssetNotFoundError(assetId, tenant.tenantId);
+        if (row.status !== "AVAILABLE") throw new AssetNotAvailableError(assetId, row.status);
+        const same = leaseId ? await tx.getLease(tenant.tenantId, leaseId) : undefined;
+        if (same) {
+          if (same.asset_id !== assetId || same.holder !== holder) throw new LeaseIdTakenError(same.lease_id);
+          return same;
+        }
+        await tx.insertLease(lease);
+        await tx.touchAssets([assetId], now);
+        return undefined;
+      });
+    } catch (err) {
+      // Another tenant's lease has that id (getLease only sees this tenant's).
+      if (leaseId && isUniqueViolation(err)) throw new LeaseIdTakenError(leaseId);
+      throw err;
+    }
+    if (existing) return toLease(existing);
     log.info(
       { tenant_id: tenant.tenantId, asset_id: assetId, lease_id: lease.lease_id, holder },
       "lease acquired",
