@@ -249,19 +249,53 @@ describe("metald on runc", () => {
     expect(leaks(c.vmId)).toEqual([]);
   });
 
+  it("records every lease before asking assetmanagerd for it, so a crash cannot lose one", async () => {
+    await p.metald.stop();
+    const dbPath = path.join(work.path, "data", "db", "metald.sqlite");
+    const asked: Array<{ leaseId: string; recorded: boolean }> = [];
+    p.metald = await p.startMetald({
+      assets: (t) => ({
+        ...t,
+        async unary(method, signal, timeoutMs, header, input, contextValues) {
+          if (method.name === "AcquireAsset") {
+            const req = input as { holder: string; leaseId: string };
+            const db = openDatabase<MetaldDb>({ url: "", defaultSqlitePath: dbPath });
+            try {
+              const row = await createVmStore(db.db).get("acme", req.holder.replace(/^metald:/, ""));
+              asked.push({
+                leaseId: req.leaseId,
+                recorded: row?.runtime_json.includes(req.leaseId) ?? false,
+              });
+            } finally {
+              await db.close();
+            }
+          }
+          return t.unary(method, signal, timeoutMs, header, input, contextValues);
+        },
+      }),
+    });
+    vms = createClient(VmService, p.metald.service.transport);
+    const { vmId } = await vms.createVm({ config: { rootfsAssetId, backend: "runc" } }, headers("acme"));
+    try {
+      expect(asked).toEqual([{ leaseId: expect.stringMatching(/^lse_/), recorded: true }]);
+    } finally {
+      await vms.deleteVm({ vmId }, headers("acme"));
+    }
+  });
+
   it("undoes a creation cut off by a metald crash: nothing leaks, leases are released, the VM is FAILED", async () => {
     await p.metald.stop();
-    // What a metald killed inside CreateVm leaves: the row without a runtime, the lease it had
-    // recorded, and part of the VM's namespace, cgroup and directory.
+    // What a metald killed inside CreateVm leaves: the row without a runtime, the lease ids it
+    // recorded before asking for them (one taken, one it never got to ask for), and part of the
+    // VM's namespace, cgroup and directory.
     const vmId = newId("vm");
     const assets = createClient(AssetManagerService, p.assets.service.transport);
     const refs = async () =>
       (await assets.getAsset({ id: rootfsAssetId }, headers("acme"))).asset!.referenceCount;
     const before = await refs();
-    const { leaseId } = await assets.acquireAsset(
-      { assetId: rootfsAssetId, holder: `metald:${vmId}` },
-      headers("acme"),
-    );
+    const leaseId = newId("lse");
+    await assets.acquireAsset({ assetId: rootfsAssetId, holder: `metald:${vmId}`, leaseId }, headers("acme"));
+    const neverTaken = { assetId: rootfsAssetId, leaseId: newId("lse") };
     const db = openDatabase<MetaldDb>({
       url: "",
       defaultSqlitePath: path.join(work.path, "data", "db", "metald.sqlite"),
@@ -276,7 +310,10 @@ describe("metald on runc", () => {
       failure_reason: "",
       pid: null,
       pid_start_time: null,
-      runtime_json: JSON.stringify({ tier: "pro", leases: [{ assetId: rootfsAssetId, leaseId }] }),
+      runtime_json: JSON.stringify({
+        tier: "pro",
+        leases: [{ assetId: rootfsAssetId, leaseId }, neverTaken],
+      }),
       created_at: Date.now(),
       updated_at: Date.now(),
       booted_at: null,
@@ -293,6 +330,7 @@ describe("metald on runc", () => {
     const vm = (await vms.getVmInfo({ vmId }, headers("acme"))).vm!;
     expect(vm.state).toBe(S.FAILED);
     expect(vm.failureReason).toMatch(/creation was cut off by a metald restart/);
+    expect(vm.failureReason).not.toMatch(/cleaning up failed/);
     expect(leaks(vmId)).toEqual([]);
     expect(await refs()).toBe(before);
     expect(fs.existsSync(path.join(work.path, "data", "vms", vmId))).toBe(false);

@@ -36,8 +36,11 @@ export async function startPlatform(dataDir: string, insecure: string, backend =
     env: { UNKEY_BUILDERD_DATA_DIR: dataDir, UNKEY_BUILDERD_INSECURE_REGISTRIES: insecure },
     peerTransport: () => assets.service.transport,
   });
-  /** `billaged`: a transport standing in for billaged (usage hand-off is enabled with it). */
-  const startMetald = (opts: { billaged?: Transport } = {}) =>
+  /**
+   * `billaged`: a transport standing in for billaged (usage hand-off is enabled with it).
+   * `assets`: wraps metald's transport to assetmanagerd (to watch its calls).
+   */
+  const startMetald = (opts: { billaged?: Transport; assets?: (t: Transport) => Transport } = {}) =>
     startTestService(metald, {
       env: {
         UNKEY_METALD_DATA_DIR: dataDir,
@@ -51,7 +54,9 @@ export async function startPlatform(dataDir: string, insecure: string, backend =
           : {}),
       },
       peerTransport: (peer) =>
-        peer === "billaged" && opts.billaged ? opts.billaged : assets.service.transport,
+        peer === "billaged" && opts.billaged
+          ? opts.billaged
+          : (opts.assets?.(assets.service.transport) ?? assets.service.transport),
     });
   return { assets, builder, metald: await startMetald(), startMetald };
 }

@@ -14,7 +14,8 @@ export interface AssetImageConfig {
 
 /** What metald needs from assetmanagerd. */
 export interface VmAssets {
-  acquire(tenant: TenantContext, assetId: string, holder: string): Promise<string>;
+  /** Takes the lease `leaseId` (chosen by the caller, recorded first; acquiring again is a no-op). */
+  acquire(tenant: TenantContext, assetId: string, holder: string, leaseId: string): Promise<void>;
   release(tenant: TenantContext, leaseId: string): Promise<void>;
   /** Places assets under `<vm root>/<target>/`; returns asset id → path. */
   prepare(
@@ -29,9 +30,8 @@ export interface VmAssets {
 export function createVmAssets(transport: Transport): VmAssets {
   const client = createAssetManagerClient(transport);
   return {
-    async acquire(tenant, assetId, holder) {
-      const res = await client.acquireAsset({ assetId, holder }, forTenant(tenant));
-      return res.leaseId;
+    async acquire(tenant, assetId, holder, leaseId) {
+      await client.acquireAsset({ assetId, holder, leaseId }, forTenant(tenant));
     },
     async release(tenant, leaseId) {
       try {

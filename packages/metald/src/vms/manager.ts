@@ -8,6 +8,7 @@ import {
   type LimitsResolver,
   type Logger,
   NotFoundError,
+  newId,
   ResourceExhaustedError,
   settleAll,
   type TenantContext,
@@ -311,18 +312,17 @@ export function createVmManager(deps: VmManagerDeps) {
           cgroupMade.catch(() => undefined); // awaited below
           await fs.mkdir(vmDir(vmId), { recursive: true, mode: 0o750 });
           // Assets: leased for the VM's lifetime, placed into its directory by assetmanagerd.
+          // The lease ids are chosen and recorded before they are asked for, so a crash at any
+          // point leaves none that recovery does not know of (abandonCreation releases them;
+          // one never taken is simply not found).
           const wanted = [req.rootfsAssetId, req.kernelAssetId, req.initrdAssetId].filter(Boolean);
+          rt.leases = wanted.map((assetId) => ({ assetId, leaseId: newId("lse") }));
+          await store.update(vmId, { runtime_json: JSON.stringify({ tier: rt.tier, leases: rt.leases }) });
           const [placed, image] = await settleAll([
             deps.assets.prepare(tenant, wanted, `${vmId}/assets`, `metald:${vmId}`),
             deps.assets.imageConfig(tenant, req.rootfsAssetId),
-            ...wanted.map(async (assetId) => {
-              const leaseId = await deps.assets.acquire(tenant, assetId, `metald:${vmId}`);
-              rt.leases.push({ assetId, leaseId });
-            }),
+            ...rt.leases.map((l) => deps.assets.acquire(tenant, l.assetId, `metald:${vmId}`, l.leaseId)),
           ] as const);
-          // The leases are recorded at once: a crash before CreateVm's end must not lose them
-          // (recovery releases them, see abandonCreation).
-          await store.update(vmId, { runtime_json: JSON.stringify({ tier: rt.tier, leases: rt.leases }) });
           const rootfs = placed[req.rootfsAssetId]!;
           let kernel: string | undefined;
           let initrd: string | undefined;
