@@ -241,7 +241,7 @@ function mkfsBinary(): string {
   return ["/usr/sbin/mkfs.ext4", "/sbin/mkfs.ext4"].find((p) => existsSync(p)) ?? "mkfs.ext4";
 }
 
-/** Multiarch directories where Debian installs libeatmydata (package eatmydata). */
+/** Where Debian installs libeatmydata (package libeatmydata1), per architecture. */
 const EATMYDATA = [
   "/usr/lib/x86_64-linux-gnu/libeatmydata.so.1",
   "/usr/lib/aarch64-linux-gnu/libeatmydata.so.1",
