@@ -83,15 +83,27 @@ export async function runBench(): Promise<void> {
     // peer's mkfs took ~60% longer, which flattered Kiln).
     const peerDir = path.join(work, "peer");
     fs.mkdirSync(peerDir, { recursive: true });
+    const peerSteps: string[] = [];
+    const step = async (name: string, fn: () => Promise<unknown>) => {
+      const [ms] = await timed(fn);
+      peerSteps.push(`${name} ${ms.toFixed(0)} ms`);
+    };
     const [peerMs] = await timed(async () => {
-      await run("skopeo", ["copy", "--src-tls-verify=false", ref, `oci:${peerDir}/oci:1`]);
-      await run("umoci", ["raw", "unpack", "--image", `${peerDir}/oci:1`, `${peerDir}/rootfs`]);
+      await step("skopeo", () =>
+        run("skopeo", ["copy", "--src-tls-verify=false", ref, `oci:${peerDir}/oci:1`]),
+      );
+      await step("umoci", () =>
+        run("umoci", ["raw", "unpack", "--image", `${peerDir}/oci:1`, `${peerDir}/rootfs`]),
+      );
       const image = `${peerDir}/rootfs.ext4`;
-      const plan = await planExt4(`${peerDir}/rootfs`);
-      fs.closeSync(fs.openSync(image, "w"));
-      fs.truncateSync(image, plan.sizeBytes);
-      await run("mkfs.ext4", mkfsExt4Args(`${peerDir}/rootfs`, image, plan));
+      await step("mkfs", async () => {
+        const plan = await planExt4(`${peerDir}/rootfs`);
+        fs.closeSync(fs.openSync(image, "w"));
+        fs.truncateSync(image, plan.sizeBytes);
+        await run("mkfs.ext4", mkfsExt4Args(`${peerDir}/rootfs`, image, plan));
+      });
     });
+    process.stderr.write(`peer steps: ${peerSteps.join(", ")}\n`);
 
     // Kiln: builderd and assetmanagerd in this process on an empty data dir, as `kiln up` runs
     // them: every rootfs is registered as an asset.
