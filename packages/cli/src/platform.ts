@@ -1,5 +1,11 @@
 import type { Transport } from "@connectrpc/connect";
-import { createLazyTransport, type RunningService, type ServiceName, startService } from "@kiln/kit";
+import {
+  createCheckpointer,
+  createLazyTransport,
+  type RunningService,
+  type ServiceName,
+  startService,
+} from "@kiln/kit";
 import type { DestinationStream } from "pino";
 import { SERVICES } from "./services.js";
 
@@ -28,11 +34,13 @@ export async function startPlatform(opts: PlatformOptions = {}): Promise<Running
       if (!target) throw new Error(`${peer} is not running in this process`);
       return target.transport;
     });
+  // One thread checkpoints all six SQLite databases (it ends with the last service stopped).
+  const checkpointer = createCheckpointer();
   try {
     for (const def of SERVICES) {
       running.set(
         def.name,
-        await startService(def, { env, peerTransport, logDestination: opts.logDestination }),
+        await startService(def, { env, peerTransport, logDestination: opts.logDestination, checkpointer }),
       );
     }
   } catch (err) {

@@ -4,6 +4,7 @@ export * from "./auth/tenant.js";
 export * from "./config/common.js";
 export * from "./config/reference.js";
 export * from "./config/settings.js";
+export * from "./db/checkpointer.js";
 export * from "./db/database.js";
 export * from "./db/migrate.js";
 export * from "./errors.js";

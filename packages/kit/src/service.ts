@@ -12,6 +12,7 @@ import type { DestinationStream } from "pino";
 import { resolveServiceToken } from "./auth/service-token.js";
 import { commonSettings, resolveDataDir } from "./config/common.js";
 import { type ConfigOf, type ConfigSpec, loadConfig, url } from "./config/settings.js";
+import type { Checkpointer } from "./db/checkpointer.js";
 import { type Database, openDatabase } from "./db/database.js";
 import { type Migrations, migrate } from "./db/migrate.js";
 import { createLogger, type Logger } from "./log.js";
@@ -111,6 +112,8 @@ export interface StartOptions {
   peerTransport?: (peer: ServiceName) => Transport;
   /** Where log lines go (default stdout). */
   logDestination?: DestinationStream;
+  /** The thread for SQLite checkpoints (default: the service's own; kiln up shares one). */
+  checkpointer?: Checkpointer;
 }
 
 /**
@@ -139,7 +142,7 @@ export async function startService<S extends ConfigSpec>(
     }
     const serviceToken = resolveServiceToken(config.serviceToken, dataDir);
 
-    const db = openServiceDatabase(def.name, config, dataDir, log);
+    const db = openServiceDatabase(def.name, config, dataDir, log, opts.checkpointer);
     cleanups.push(() => db.close());
     await waitForDatabase(db, config.databaseConnectTimeout, log);
     const applied = await migrate(db.db, def.name, def.migrations);
@@ -276,11 +279,13 @@ function openServiceDatabase(
   config: { databaseUrl: string },
   dataDir: string,
   log: Logger,
+  checkpointer?: Checkpointer,
 ) {
   return openDatabase<unknown>({
     url: config.databaseUrl,
     defaultSqlitePath: path.join(dataDir, "db", `${name}.sqlite`),
     onCheckpointError: (message) => log.warn({ err: message }, "SQLite WAL checkpoint failed"),
+    checkpointer,
   });
 }
 

@@ -4,6 +4,7 @@ import SQLite from "better-sqlite3";
 import { type Kysely, sql } from "kysely";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { createTestPostgres, tempDir } from "../testing/index.js";
+import { createCheckpointer } from "./checkpointer.js";
 import { type Database, openDatabase, redactUrl, withStatementCache } from "./database.js";
 import { type Migrations, migrate } from "./migrate.js";
 
@@ -220,8 +221,15 @@ describe("withStatementCache", () => {
 describe("SQLite WAL checkpoints", () => {
   /** Writes ~8 MiB (over SQLite's default 1000-page autocheckpoint) in one commit; returns the file sizes. */
   type Blobs = { blobs: { id: number; data: Buffer } };
-  const open = (file: string, checkpointIntervalMs: number) =>
-    openDatabase<Blobs>({ url: "", defaultSqlitePath: file, checkpointIntervalMs });
+  const open = (file: string, checkpointIntervalMs: number, checkpointer = createCheckpointer()) =>
+    openDatabase<Blobs>({ url: "", defaultSqlitePath: file, checkpointIntervalMs, checkpointer });
+
+  /** Waits until the checkpointer has copied the log into `file` (it grows past 8 MiB). */
+  async function checkpointed(file: string) {
+    for (let i = 0; i < 200 && fs.statSync(file).size < 8 * 1024 * 1024; i++)
+      await new Promise((r) => setTimeout(r, 10));
+    return fs.statSync(file).size;
+  }
 
   async function writeBulk(database: Database<Blobs>, file: string) {
     await sql`create table blobs (id integer primary key, data blob)`.execute(database.db);
@@ -256,9 +264,7 @@ describe("SQLite WAL checkpoints", () => {
     try {
       await writeBulk(quick, file2);
       // The checkpointer thread copies the log into the database while the connection stays open.
-      for (let i = 0; i < 200 && fs.statSync(file2).size < 8 * 1024 * 1024; i++)
-        await new Promise((r) => setTimeout(r, 10));
-      expect(fs.statSync(file2).size).toBeGreaterThan(8 * 1024 * 1024);
+      expect(await checkpointed(file2)).toBeGreaterThan(8 * 1024 * 1024);
       const rows = await quick.db
         .selectFrom("blobs")
         .select((eb) => eb.fn.countAll<number>().as("n"))
@@ -268,5 +274,38 @@ describe("SQLite WAL checkpoints", () => {
       await quick.close();
       dir.remove();
     }
+  });
+
+  it("checkpoints several databases on one shared thread, which ends with the last", async () => {
+    const dir = tempDir();
+    const shared = createCheckpointer();
+    expect(shared.running).toBe(false);
+    const [fa, fb, fc] = ["a", "b", "c"].map((n) => path.join(dir.path, `${n}.sqlite`)) as [
+      string,
+      string,
+      string,
+    ];
+    const a = open(fa, 20, shared);
+    const b = open(fb, 20, shared);
+    try {
+      expect(shared.running).toBe(true);
+      await writeBulk(a, fa);
+      expect(await checkpointed(fa)).toBeGreaterThan(8 * 1024 * 1024);
+      await a.close();
+      // The other database is still checkpointed after one stopped.
+      expect(shared.running).toBe(true);
+      await writeBulk(b, fb);
+      expect(await checkpointed(fb)).toBeGreaterThan(8 * 1024 * 1024);
+    } finally {
+      await a.close();
+      await b.close();
+    }
+    expect(shared.running).toBe(false);
+    // A database opened later starts it again.
+    const c = open(fc, 20, shared);
+    expect(shared.running).toBe(true);
+    await c.close();
+    expect(shared.running).toBe(false);
+    dir.remove();
   });
 });

@@ -3,7 +3,7 @@ import path from "node:path";
 import SQLite from "better-sqlite3";
 import { Kysely, PostgresDialect, SqliteDialect, sql } from "kysely";
 import pg from "pg";
-import { startCheckpointer } from "./checkpointer.js";
+import { type Checkpointer, createCheckpointer } from "./checkpointer.js";
 
 export type DialectName = "sqlite" | "postgres";
 
@@ -29,6 +29,8 @@ export interface DatabaseOptions {
   onCheckpointError?: (message: string) => void;
   /** SQLite: how often the checkpointer thread checkpoints (default 500 ms). */
   checkpointIntervalMs?: number;
+  /** SQLite: the checkpoint thread to use (default: one of this database's own). */
+  checkpointer?: Checkpointer;
 }
 
 const INT8_OID = 20;
@@ -75,12 +77,12 @@ export function openDatabase<DB>(opts: DatabaseOptions): Database<DB> {
   sqlite.pragma("foreign_keys = ON");
   // Checkpoints run on a worker thread, off the event loop (checkpointer.ts).
   sqlite.pragma("wal_autocheckpoint = 0");
-  const checkpointer = startCheckpointer(file, {
+  const checkpoints = (opts.checkpointer ?? createCheckpointer()).watch(file, {
     onError: opts.onCheckpointError,
     intervalMs: opts.checkpointIntervalMs,
   });
   const db = new Kysely<DB>({ dialect: new SqliteDialect({ database: withStatementCache(sqlite) }) });
-  return makeDatabase(db, "sqlite", file, () => checkpointer.stop());
+  return makeDatabase(db, "sqlite", file, () => checkpoints.stop());
 }
 
 /** Distinct SQL texts kept prepared; `IN (?, …)` lists of many lengths make the set open-ended. */
