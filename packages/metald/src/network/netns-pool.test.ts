@@ -33,6 +33,14 @@ describe("VM namespace pool", () => {
   const routerLinks = async () => (await net.router.interfaces()).filter((i) => i.startsWith("kv-"));
   const poolRows = async () =>
     (await net.testDb.db.selectFrom("netns_pool").select("short_id").execute()).map((r) => r.short_id).sort();
+  const attacherWith = (namespaces: NamespacePool) =>
+    createNetworkAttacher({ router: net.router, pool: net.pool, netnsPrefix: net.netnsPrefix, namespaces });
+  /** No namespace, router link or pool row of this network is left. */
+  async function expectNothingLeft(): Promise<void> {
+    expect(await listNamespaces(net.netnsPrefix)).toEqual([]);
+    expect(await routerLinks()).toEqual([]);
+    expect(await poolRows()).toEqual([]);
+  }
   async function refilled(p: NamespacePool, n: number): Promise<void> {
     for (let i = 0; i < 200 && p.idle().length < n; i++) await new Promise((r) => setTimeout(r, 10));
     await p.settled();
@@ -57,12 +65,7 @@ describe("VM namespace pool", () => {
       expect(await ip(net.router.name, ["route", "show", "dev", names.hostVeth])).toBe("");
     }
 
-    const attacher = createNetworkAttacher({
-      router: net.router,
-      pool: net.pool,
-      netnsPrefix: net.netnsPrefix,
-      namespaces,
-    });
+    const attacher = attacherWith(namespaces);
     const vmId = attacher.newVmId();
     expect(vmId).toMatch(/^vm_[0-9a-z]{26}$/);
     const short = vmId.slice(-12);
@@ -91,36 +94,22 @@ describe("VM namespace pool", () => {
 
     await attacher.detach(vmId);
     await attacher.stop();
-    expect(await listNamespaces(net.netnsPrefix)).toEqual([]);
-    expect(await routerLinks()).toEqual([]);
-    expect(await poolRows()).toEqual([]);
+    await expectNothingLeft();
   });
 
   it("detaching a VM whose creation failed before wiring removes its pooled namespace", async () => {
     const namespaces = pool(1);
-    const attacher = createNetworkAttacher({
-      router: net.router,
-      pool: net.pool,
-      netnsPrefix: net.netnsPrefix,
-      namespaces,
-    });
+    const attacher = attacherWith(namespaces);
     await attacher.start([]);
     await refilled(namespaces, 1);
     const vmId = attacher.newVmId();
     await attacher.detach(vmId);
     await attacher.stop();
-    expect(await listNamespaces(net.netnsPrefix)).toEqual([]);
-    expect(await routerLinks()).toEqual([]);
-    expect(await poolRows()).toEqual([]);
+    await expectNothingLeft();
   });
 
   it("a new VM id without a ready namespace is an ordinary one", async () => {
-    const attacher = createNetworkAttacher({
-      router: net.router,
-      pool: net.pool,
-      netnsPrefix: net.netnsPrefix,
-      namespaces: pool(0),
-    });
+    const attacher = attacherWith(pool(0));
     await attacher.start([]);
     const vmId = attacher.newVmId();
     await net.testDb.addVm(vmId);
