@@ -7,3 +7,13 @@ export function pathExists(p: string): Promise<boolean> {
     () => false,
   );
 }
+
+/** fsyncs the file or directory at `p` (a directory: so the names in it are durable). */
+export async function fsyncPath(p: string): Promise<void> {
+  const handle = await fs.open(p, "r");
+  try {
+    await handle.sync();
+  } finally {
+    await handle.close();
+  }
+}

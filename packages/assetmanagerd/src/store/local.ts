@@ -1,9 +1,8 @@
 import { createHash, type Hash } from "node:crypto";
-import fs from "node:fs";
 import fsp from "node:fs/promises";
 import path from "node:path";
 import type { Readable } from "node:stream";
-import type { Logger } from "@kiln/kit";
+import { fsyncPath, type Logger } from "@kiln/kit";
 import {
   type BlobInfo,
   BlobNotFoundError,
@@ -204,7 +203,7 @@ function localWriter(w: {
         // Past the point of no return: the blob is visible, so a failure to make its name
         // durable is logged, not returned (a crash would at worst lose the blob again).
         if (created) {
-          await fsyncDir(path.dirname(target)).catch((err: unknown) =>
+          await fsyncPath(path.dirname(target)).catch((err: unknown) =>
             w.log?.warn({ err, digest }, "could not fsync the blob directory"),
           );
         }
@@ -220,15 +219,6 @@ function localWriter(w: {
       await discard();
     },
   };
-}
-
-export async function fsyncDir(dir: string): Promise<void> {
-  const handle = await fsp.open(dir, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
-  try {
-    await handle.sync();
-  } finally {
-    await handle.close();
-  }
 }
 
 async function readdirIfExists(dir: string): Promise<string[]> {

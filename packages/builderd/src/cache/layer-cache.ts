@@ -3,6 +3,7 @@ import fs from "node:fs";
 import fsp from "node:fs/promises";
 import path from "node:path";
 import type { Readable } from "node:stream";
+import { fsyncPath } from "@kiln/kit";
 import { digestHex } from "../sources/digest.js";
 import { DigestMismatchError } from "../sources/errors.js";
 import type { LayerInfo } from "../sources/source.js";
@@ -153,7 +154,7 @@ export function createLayerCache(dir: string): LayerCache {
     }
     // The rename is durable once the directory entry is on disk. Past this point the blob is
     // committed, so a failing directory fsync is not worth failing the build over.
-    await syncDir(blobs).catch(() => {});
+    await fsyncPath(blobs).catch(() => {});
     return final;
   }
 
@@ -203,15 +204,6 @@ export function createLayerCache(dir: string): LayerCache {
       );
     },
   };
-}
-
-async function syncDir(dir: string): Promise<void> {
-  const fd = await fsp.open(dir, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
-  try {
-    await fd.sync();
-  } finally {
-    await fd.close();
-  }
 }
 
 /** Writes all of `buffers` at `position` (writev may write less than asked). */

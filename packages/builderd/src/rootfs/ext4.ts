@@ -3,7 +3,7 @@ import { createReadStream, existsSync } from "node:fs";
 import fs from "node:fs/promises";
 import path from "node:path";
 import { pipeline } from "node:stream/promises";
-import { FailedPreconditionError, InternalError, sharedSpawner } from "@kiln/kit";
+import { FailedPreconditionError, fsyncPath, InternalError, sharedSpawner } from "@kiln/kit";
 
 export interface Ext4Options {
   /** Free space to add on top of the content (default 32 MiB)… */
@@ -95,7 +95,7 @@ export async function buildExt4(
 
   const [sha256] = await Promise.all([
     opts.checksum === false ? undefined : hashFile(outFile, opts.signal),
-    opts.sync === false ? undefined : syncFile(outFile),
+    opts.sync === false ? undefined : fsyncPath(outFile),
   ]);
   return { sizeBytes: size, sha256 };
 }
@@ -104,15 +104,6 @@ async function hashFile(file: string, signal?: AbortSignal): Promise<string> {
   const hash = createHash("sha256");
   await pipeline(createReadStream(file, { highWaterMark: MiB }), hash, { signal });
   return `sha256:${hash.digest("hex")}`;
-}
-
-async function syncFile(file: string): Promise<void> {
-  const fh = await fs.open(file, "r");
-  try {
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
 }
 
 /** An image's size (whole MiB) and inode count. */
