@@ -17,6 +17,9 @@
  * - This process is the only writer of the rootfs while a layer is applied, so a check is not
  *   raced by another actor; the layer itself can only change the tree through these entries.
  *
+ * With `imageData`, regular files' content goes into the data area of the ext4 image being built
+ * (rootfs/ext4/data-area.ts), and the file in the rootfs holds a placeholder naming where.
+ *
  * Syscalls are synchronous on purpose: each takes microseconds on a local filesystem, while a
  * round trip through libuv's threadpool would dominate the per-entry cost of images made of
  * thousands of small files. The event loop still runs between chunks and entries, which arrive
@@ -27,6 +30,7 @@ import path from "node:path";
 import type { Readable } from "node:stream";
 import { InvalidArgumentError, KilnError } from "@kiln/kit";
 import tar from "tar-stream";
+import { BLOCK_SIZE, blocksFor, DATA_START_BLOCK, encodePlaceholder } from "../rootfs/ext4/data-area.js";
 import { type EntryMetadata, entryMetadata } from "./entry-metadata.js";
 import { entryComponents } from "./entry-path.js";
 import {
@@ -50,12 +54,19 @@ export interface ApplyLayerOptions {
   chown?: boolean;
   signal?: AbortSignal;
   onProgress?: (bytesWritten: number) => void;
+  /**
+   * Write each non-empty regular file's content into the image open at `fd` (positioned writes, each
+   * file block-aligned from block `nextBlock` on) and leave a placeholder in the rootfs instead.
+   */
+  imageData?: { fd: number; nonce: Buffer; nextBlock: number };
 }
 
 export interface ApplyLayerResult {
   entries: number;
   bytesWritten: number;
   skipped: Array<{ path: string; reason: string }>;
+  /** With `imageData`: the first block after this layer's content, where the next layer starts. */
+  nextBlock?: number;
 }
 
 /** Far above any real layer (a full Debian is ~30k entries), far below what exhausts inodes. */
@@ -96,6 +107,14 @@ export async function applyLayer(
   if (!rootStat.isDirectory()) {
     tarStream.destroy();
     throw new InvalidArgumentError(`rootfs ${root} is not a directory`);
+  }
+  const nextBlock = opts.imageData?.nextBlock;
+  if (nextBlock !== undefined && !(Number.isSafeInteger(nextBlock) && nextBlock >= DATA_START_BLOCK)) {
+    tarStream.destroy();
+    // Below the data area are the superblock and group descriptors, which content must not overwrite.
+    throw new InvalidArgumentError(
+      `imageData.nextBlock ${nextBlock} is not in the image's data area (blocks ${DATA_START_BLOCK} and up)`,
+    );
   }
   if (signal?.aborted) {
     tarStream.destroy();
@@ -152,14 +171,7 @@ function explain(err: unknown, sourceError: unknown, at: Position): unknown {
   }
   const msg = e instanceof Error ? e.message : String(err);
   if (/Unexpected end of data/.test(msg)) {
-    if (at.entry !== undefined && at.remaining > 0) {
-      return new InvalidLayerError(
-        `layer tar ends in the middle of entry ${JSON.stringify(at.entry)} (declared ${at.declared} bytes); ` +
-          "the blob is truncated or corrupt",
-        at.entry,
-        { cause: err },
-      );
-    }
+    if (at.entry !== undefined && at.remaining > 0) return truncatedEntry(at, err);
     return new InvalidLayerError(
       `layer tar ends unexpectedly${at.entry === undefined ? "" : ` after entry ${JSON.stringify(at.entry)}`}; the blob is truncated or corrupt`,
       at.entry,
@@ -182,6 +194,23 @@ interface Position {
   remaining: number;
 }
 
+function truncatedEntry(at: Position, cause?: unknown): InvalidLayerError {
+  return new InvalidLayerError(
+    `layer tar ends in the middle of entry ${JSON.stringify(at.entry)} (declared ${at.declared} bytes); ` +
+      "the blob is truncated or corrupt",
+    at.entry,
+    { cause },
+  );
+}
+
+/** Writes all of `buf` at `position`, or at the file's offset when null (a write may be partial). */
+function writeAll(fd: number, buf: Buffer, position: number | null): void {
+  let off = 0;
+  while (off < buf.length) {
+    off += fs.writeSync(fd, buf, off, buf.length - off, position === null ? null : position + off);
+  }
+}
+
 interface LayerApplier {
   apply(entry: TarEntry): Promise<void>;
   finish(): void;
@@ -195,6 +224,8 @@ function createLayerApplier(root: string, rootStat: fs.Stats, opts: ApplyLayerOp
   const usedBefore = opts.usedBytes ?? 0;
   const maxEntries = opts.maxEntries ?? DEFAULT_MAX_ENTRIES;
   const signal = opts.signal;
+  const image = opts.imageData;
+  let nextBlock = image?.nextBlock ?? 0;
 
   let entries = 0;
   let bytesWritten = 0;
@@ -292,19 +323,28 @@ function createLayerApplier(root: string, rootStat: fs.Stats, opts: ApplyLayerOp
       pos.declared = size;
       pos.remaining = size;
       if (size > 0) {
+        const block = nextBlock;
+        const start = block * BLOCK_SIZE;
         for await (const chunk of entry) {
           if (signal?.aborted) throw signal.reason;
           const buf = chunk as Buffer;
           if (usedBefore + bytesWritten + buf.length > maxBytes)
             throw new LayerTooLargeError(opts.maxBytes, name);
-          let off = 0;
-          while (off < buf.length) off += fs.writeSync(fd, buf, off, buf.length - off);
+          if (image) writeAll(image.fd, buf, start + size - pos.remaining);
+          else writeAll(fd, buf, null);
           bytesWritten += buf.length;
           pos.remaining -= buf.length;
           if (opts.onProgress && bytesWritten - lastProgress >= PROGRESS_EVERY_BYTES) {
             lastProgress = bytesWritten;
             opts.onProgress(bytesWritten);
           }
+        }
+        // tar-stream fails a short entry and never yields more than declared; checked anyway, since
+        // a placeholder must name exactly the bytes written.
+        if (pos.remaining !== 0) throw truncatedEntry(pos);
+        if (image) {
+          writeAll(fd, encodePlaceholder(image.nonce, { block, length: size }), null);
+          nextBlock = block + blocksFor(size);
         }
       }
       // chmod after chown: chown clears setuid/setgid.
@@ -502,7 +542,7 @@ function createLayerApplier(root: string, rootStat: fs.Stats, opts: ApplyLayerOp
   return {
     apply,
     finish,
-    result: () => ({ entries, bytesWritten, skipped }),
+    result: () => ({ entries, bytesWritten, skipped, ...(image ? { nextBlock } : {}) }),
     position: () => ({ ...pos }),
   };
 }

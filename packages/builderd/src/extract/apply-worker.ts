@@ -7,7 +7,7 @@ import fs from "node:fs";
 import { Readable } from "node:stream";
 import { parentPort } from "node:worker_threads";
 import { KilnError } from "@kiln/kit";
-import { applyLayer } from "./apply-layer.js";
+import { type ApplyLayerResult, applyLayer } from "./apply-layer.js";
 import { decompressLayer } from "./decompress.js";
 
 export interface ApplyJob {
@@ -21,6 +21,8 @@ export interface ApplyJob {
   compression: "gzip" | "zstd" | "none";
   maxBytes: number;
   usedBytes: number;
+  /** Write file content into this image's data area (ApplyLayerOptions.imageData); nonce in hex. */
+  image?: { file: string; nonce: string; nextBlock: number };
 }
 
 /** More of a growing layer file is on disk. */
@@ -43,16 +45,33 @@ port.on("message", async (m: ApplyJob | WrittenUpdate) => {
   }
   const job = m;
   try {
-    let source: Readable;
-    if (job.growing) {
-      const follow = followGrowing(job.growing.fd, job.growing.size, job.growing.written);
-      followers.set(job.id, follow.advance);
-      source = follow.stream;
-    } else {
-      source = fs.createReadStream(job.file!, { highWaterMark: READ_BYTES });
+    // Opened before the source, which would leak if this failed. No O_CREAT or O_TRUNC: the caller
+    // made the image, and earlier layers' content is in it.
+    const image = job.image;
+    const imageFd = image && fs.openSync(image.file, fs.constants.O_WRONLY);
+    let result: ApplyLayerResult;
+    try {
+      let source: Readable;
+      if (job.growing) {
+        const follow = followGrowing(job.growing.fd, job.growing.size, job.growing.written);
+        followers.set(job.id, follow.advance);
+        source = follow.stream;
+      } else {
+        source = fs.createReadStream(job.file!, { highWaterMark: READ_BYTES });
+      }
+      const stream = decompressLayer(source, job.compression);
+      result = await applyLayer(job.rootfs, stream, {
+        maxBytes: job.maxBytes,
+        usedBytes: job.usedBytes,
+        imageData:
+          image && imageFd !== undefined
+            ? { fd: imageFd, nonce: Buffer.from(image.nonce, "hex"), nextBlock: image.nextBlock }
+            : undefined,
+      });
+    } finally {
+      // Inside the outer try: an error closing fails this job instead of crashing the thread.
+      if (imageFd !== undefined) fs.closeSync(imageFd);
     }
-    const stream = decompressLayer(source, job.compression);
-    const result = await applyLayer(job.rootfs, stream, { maxBytes: job.maxBytes, usedBytes: job.usedBytes });
     port.postMessage({ id: job.id, result });
   } catch (err) {
     const e = err instanceof Error ? err : new Error(String(err));

@@ -1,16 +1,30 @@
+import { randomBytes } from "node:crypto";
 import fs from "node:fs";
 import path from "node:path";
 import zlib from "node:zlib";
 import { tempDir } from "@kiln/kit/testing";
 import { afterAll, afterEach, describe, expect, it } from "vitest";
 import { growingFile } from "../cache/layer-cache.js";
+import { blocksFor, DATA_START_BLOCK, newNonce } from "../rootfs/ext4/data-area.js";
 import { layerTar } from "../testing/oci-layout.js";
+import { createImage, metadataIntact, placedContent, placedFiles } from "./fixtures/image-data.js";
 import { createLayerApplier } from "./layer-applier.js";
 
 /** A file written in steps by the test, read as the layer cache's growing temp file is. */
 function growing(file: string, size: number) {
   const { file: g, advance } = growingFile(file, size);
   return { g, advance };
+}
+
+/** Appends `blob` to `file` in pieces, each announced after it is on disk, with pauses between. */
+async function feed(file: string, blob: Buffer, advance: (written: number) => void): Promise<void> {
+  for (let at = 0; at < blob.length; ) {
+    const n = Math.min(100_000, blob.length - at);
+    fs.appendFileSync(file, blob.subarray(at, at + n));
+    at += n;
+    advance(at);
+    await new Promise((r) => setTimeout(r, 2));
+  }
 }
 
 describe("layer applier", () => {
@@ -41,20 +55,90 @@ describe("layer applier", () => {
     fs.writeFileSync(file, "");
     const { g, advance } = growing(file, blob.length);
     const applying = applier.apply(path.join(dir, "rootfs"), g, "gzip", { maxBytes: 0, usedBytes: 0 });
-    // Written in pieces, each announced after it is on disk, with pauses between.
-    for (let at = 0; at < blob.length; ) {
-      const n = Math.min(100_000, blob.length - at);
-      fs.appendFileSync(file, blob.subarray(at, at + n));
-      at += n;
-      advance(at);
-      await new Promise((r) => setTimeout(r, 2));
-    }
+    await feed(file, blob, advance);
     const result = await applying;
     g.close();
     expect(result.entries).toBe(3);
     expect(fs.readFileSync(path.join(dir, "rootfs/app/big")).equals(content)).toBe(true);
     expect(fs.readFileSync(path.join(dir, "rootfs/app/small"), "utf8")).toBe("hi\n");
     expect(fs.statSync(path.join(dir, "rootfs/app/small")).mode & 0o777).toBe(0o600);
+  });
+
+  describe("with an image", () => {
+    // Random, so that a chunk written at the wrong offset shows.
+    const big = randomBytes(3 << 20);
+    const small = Buffer.from("hi\n");
+    const layer = () =>
+      layerTar([
+        { type: "file", path: "app/big", content: big, mode: 0o644 },
+        { type: "file", path: "app/small", content: small, mode: 0o600 },
+        { type: "file", path: "app/empty" },
+      ]);
+    /** An image the caller made (metadata blocks included), and what the worker must write into it. */
+    const imageIn = (dir: string) => {
+      const file = path.join(dir, "image.ext4");
+      createImage(file, DATA_START_BLOCK);
+      return { file, nonce: newNonce(), nextBlock: DATA_START_BLOCK };
+    };
+    const expectPlaced = (dir: string, image: ReturnType<typeof imageIn>, nextBlock: number | undefined) => {
+      const rootfs = path.join(dir, "rootfs");
+      const smallAt = DATA_START_BLOCK + blocksFor(big.length);
+      expect(nextBlock).toBe(smallAt + 1);
+      expect(placedFiles(rootfs, image.nonce).map((f) => [f.path, f.extent])).toEqual([
+        ["app/big", { block: DATA_START_BLOCK, length: big.length }],
+        ["app/empty", undefined],
+        ["app/small", { block: smallAt, length: small.length }],
+      ]);
+      expect(placedContent(rootfs, "app/big", image.file, image.nonce).equals(big)).toBe(true);
+      expect(placedContent(rootfs, "app/small", image.file, image.nonce)).toEqual(small);
+      expect(fs.statSync(path.join(rootfs, "app/small")).mode & 0o777).toBe(0o600);
+      expect(metadataIntact(image.file, DATA_START_BLOCK)).toBe(true); // opened without truncating
+    };
+
+    it("writes a complete layer file's content into the image and returns the next free block", async () => {
+      const dir = fresh();
+      const file = path.join(dir, "blob");
+      fs.writeFileSync(file, zlib.gzipSync(await layer()));
+      const image = imageIn(dir);
+      const result = await applier.apply(path.join(dir, "rootfs"), file, "gzip", {
+        maxBytes: 0,
+        usedBytes: 0,
+        image,
+      });
+      expect(result.bytesWritten).toBe(big.length + small.length);
+      expectPlaced(dir, image, result.nextBlock);
+    });
+
+    it("writes a layer that is still being written into the image", async () => {
+      const dir = fresh();
+      const blob = zlib.gzipSync(await layer());
+      const file = path.join(dir, "blob");
+      fs.writeFileSync(file, "");
+      const { g, advance } = growing(file, blob.length);
+      const image = imageIn(dir);
+      const applying = applier.apply(path.join(dir, "rootfs"), g, "gzip", {
+        maxBytes: 0,
+        usedBytes: 0,
+        image,
+      });
+      await feed(file, blob, advance);
+      const result = await applying;
+      g.close();
+      expectPlaced(dir, image, result.nextBlock);
+    });
+
+    it("fails the layer, not the thread, when the image file does not exist", async () => {
+      const dir = fresh();
+      const file = path.join(dir, "blob");
+      fs.writeFileSync(file, zlib.gzipSync(await layer()));
+      const image = { file: path.join(dir, "missing.ext4"), nonce: newNonce(), nextBlock: DATA_START_BLOCK };
+      await expect(
+        applier.apply(path.join(dir, "rootfs"), file, "gzip", { maxBytes: 0, usedBytes: 0, image }),
+      ).rejects.toThrow(/ENOENT.*missing\.ext4/);
+      expect(fs.existsSync(image.file)).toBe(false); // never created by the worker
+      const r = await applier.apply(path.join(dir, "rootfs"), file, "gzip", { maxBytes: 0, usedBytes: 0 });
+      expect(r.entries).toBe(3);
+    });
   });
 
   it("stops a layer waiting for bytes that never come when its signal aborts", async () => {

@@ -14,12 +14,22 @@ import type { ApplyJob, WrittenUpdate } from "./apply-worker.js";
 
 /** Applies layer files in worker threads, so extraction and downloads use both cores. */
 export interface LayerApplier {
-  /** Applies a complete layer file, or one still downloading (read as it grows, up to its size). */
+  /**
+   * Applies a complete layer file, or one still downloading (read as it grows, up to its size).
+   * With `image`, file content goes into that existing image file's data area from block
+   * `nextBlock` on, and the result's `nextBlock` is where the next layer continues
+   * (ApplyLayerOptions.imageData).
+   */
   apply(
     rootfs: string,
     file: string | GrowingFile,
     compression: ApplyJob["compression"],
-    opts: { maxBytes: number; usedBytes: number; signal?: AbortSignal },
+    opts: {
+      maxBytes: number;
+      usedBytes: number;
+      signal?: AbortSignal;
+      image?: { file: string; nonce: Buffer; nextBlock: number };
+    },
   ): Promise<ApplyLayerResult>;
   close(): Promise<void>;
 }
@@ -69,6 +79,8 @@ export function createLayerApplier(): LayerApplier {
         compression,
         maxBytes: opts.maxBytes,
         usedBytes: opts.usedBytes,
+        // A Buffer would arrive in the worker as a plain Uint8Array: sent as hex, as ApplyJob says.
+        ...(opts.image && { image: { ...opts.image, nonce: opts.image.nonce.toString("hex") } }),
       };
       return new Promise<ApplyLayerResult>((resolve, reject) => {
         const unwatch =
