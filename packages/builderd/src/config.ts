@@ -1,4 +1,4 @@
-import { bool, type ConfigSpec, int, list, str } from "@kiln/kit";
+import { bool, type ConfigSpec, int, list, oneOf, str } from "@kiln/kit";
 
 const HOST_PORT = /^[A-Za-z0-9.-]+(:\d{1,5})?$|^\[[0-9a-fA-F:]+\](:\d{1,5})?$/;
 
@@ -31,6 +31,10 @@ export const settings = {
     min: 1,
     max: 32,
     doc: "Layers of one image downloaded at once.",
+  }),
+  ext4Writer: oneOf(["kiln", "mkfs"] as const, {
+    default: "kiln",
+    doc: "What makes the ext4 image. kiln: layers' file content goes straight into the image while they are extracted and Kiln's writer adds the metadata (content is written once). mkfs: the tree is extracted in full and `mkfs.ext4 -d` copies it into the image (needs e2fsprogs).",
   }),
   tiniPath: str({
     default: "/usr/bin/tini-static",

@@ -41,6 +41,7 @@ export const builderd = defineService({
       settings: {
         maxConcurrentBuilds: config.maxConcurrentBuilds,
         layerConcurrency: config.layerDownloadConcurrency,
+        ext4Writer: config.ext4Writer,
         insecureRegistries: config.insecureRegistries,
         localImageDirs: config.localImageDirs,
         tiniPath: config.tiniPath,

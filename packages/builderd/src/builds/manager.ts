@@ -29,6 +29,7 @@ export interface BuildSettings {
   /** Builds running at once on this builderd (all tenants); more wait as PENDING. */
   maxConcurrentBuilds: number;
   layerConcurrency: number;
+  ext4Writer: "kiln" | "mkfs";
   insecureRegistries: string[];
   localImageDirs: string[];
   tiniPath: string;
@@ -209,6 +210,7 @@ export function createBuildManager(deps: BuildManagerDeps) {
         insecureRegistries: deps.settings.insecureRegistries,
         localImageDirs: deps.settings.localImageDirs,
         layerConcurrency: deps.settings.layerConcurrency,
+        ext4Writer: deps.settings.ext4Writer,
         tiniPath: deps.settings.tiniPath,
         busyboxPath: deps.settings.busyboxPath,
         discard: (dir) => deps.trash.discard(dir),

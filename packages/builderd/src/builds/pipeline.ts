@@ -1,10 +1,11 @@
 import { createHash } from "node:crypto";
 import fsp from "node:fs/promises";
 import path from "node:path";
-import { type Logger, ResourceExhaustedError, type TenantLimits } from "@kiln/kit";
+import { type Logger, ResourceExhaustedError, resolveInRoot, type TenantLimits } from "@kiln/kit";
 import type { GrowingFile, LayerCache } from "../cache/layer-cache.js";
 import type { LayerApplier } from "../extract/layer-applier.js";
-import { buildExt4 } from "../rootfs/ext4.js";
+import { DATA_START_BLOCK, newNonce, restoreContent } from "../rootfs/ext4/data-area.js";
+import { buildExt4, sealImage } from "../rootfs/ext4.js";
 import { injectInit } from "../rootfs/init.js";
 import { type OptimizeSettings, optimizeRootfs } from "../rootfs/optimize.js";
 import { formatImageRef, parseImageRef } from "../sources/reference.js";
@@ -78,6 +79,8 @@ export interface PipelineDeps {
   insecureRegistries: string[];
   localImageDirs: string[];
   layerConcurrency: number;
+  /** kiln: content goes into the image as layers are extracted (rootfs/ext4/writer.ts); mkfs: `mkfs.ext4 -d`. */
+  ext4Writer: "kiln" | "mkfs";
   tiniPath: string;
   busyboxPath: string;
   /** Moves a directory out of the way, to be deleted later (the extracted tree, once in the image). */
@@ -193,12 +196,18 @@ export async function runPipeline(spec: BuildSpec, deps: PipelineDeps): Promise<
    * stops the extraction), so no unverified content survives into a rootfs. Verified is enough:
    * the next layer need not wait for this one's fsync into the cache.
    */
+  // With Kiln's writer, layers write file content straight into the image file, from block
+  // DATA_START_BLOCK on, each layer after the previous one's content.
+  const imageData =
+    deps.ext4Writer === "kiln"
+      ? { file: paths.artifact, nonce: newNonce(), nextBlock: DATA_START_BLOCK }
+      : undefined;
   const applyLayer = async (
     ready: string | GrowingFile,
     compression: (typeof image.layers)[number]["compression"],
     usedBytes: number,
   ) => {
-    const opts = { maxBytes: deps.limits.maxDiskBytes, usedBytes };
+    const opts = { maxBytes: deps.limits.maxDiskBytes, usedBytes, image: imageData && { ...imageData } };
     if (typeof ready === "string")
       return deps.applier.apply(paths.rootfs, ready, compression, { ...opts, signal });
     const stop = new AbortController();
@@ -225,6 +234,7 @@ export async function runPipeline(spec: BuildSpec, deps: PipelineDeps): Promise<
   try {
     const tExtract = performance.now();
     await fsp.mkdir(paths.rootfs, { recursive: true, mode: 0o755 });
+    if (imageData) await fsp.writeFile(imageData.file, "", { mode: 0o644 });
     let usedBytes = 0;
     for (let i = 0; i < image.layers.length; i++) {
       const layer = image.layers[i]!;
@@ -234,6 +244,7 @@ export async function runPipeline(spec: BuildSpec, deps: PipelineDeps): Promise<
       await report.stage("extracting", `extracting layer ${i + 1}/${image.layers.length}`);
       const result = await applyLayer(ready, layer.compression, usedBytes);
       usedBytes += result.bytesWritten;
+      if (imageData) imageData.nextBlock = result.nextBlock ?? imageData.nextBlock;
       for (const s of result.skipped) report.log("warn", "extract", `skipped ${s.path}: ${s.reason}`);
       report.progress({ layersDone: i + 1 });
       report.log("info", "extract", `layer ${i + 1}/${image.layers.length} applied`, {
@@ -249,6 +260,12 @@ export async function runPipeline(spec: BuildSpec, deps: PipelineDeps): Promise<
     const tBuild = performance.now();
     await report.stage("building", "injecting the VM init");
     const runtime = resolveRuntimeConfig(image.config.config, spec.runtime);
+    if (imageData) {
+      // The user is resolved through the image's own files: put their content back in the tree.
+      for (const rel of ["etc/passwd", "etc/group"]) {
+        await restoreContent(await resolveInRoot(paths.rootfs, rel), imageData.file, imageData.nonce);
+      }
+    }
     await injectInit(
       paths.rootfs,
       {
@@ -284,11 +301,20 @@ export async function runPipeline(spec: BuildSpec, deps: PipelineDeps): Promise<
       });
     }
     report.progress({ step: "making the ext4 image" });
-    const ext4 = await buildExt4(paths.rootfs, paths.artifact, {
-      signal,
-      checksum: deps.checksum,
-      sync: deps.checksum,
-    });
+    const seal = { signal, checksum: deps.checksum, sync: deps.checksum };
+    const ext4 = imageData
+      ? await deps.applier
+          .writeImage(
+            {
+              rootfs: paths.rootfs,
+              image: imageData.file,
+              nonce: imageData.nonce,
+              nextBlock: imageData.nextBlock,
+            },
+            signal,
+          )
+          .then(async (w) => ({ sizeBytes: w.sizeBytes, sha256: await sealImage(imageData.file, seal) }))
+      : await buildExt4(paths.rootfs, paths.artifact, seal);
     if (spec.optimization.maxSizeBytes > 0 && ext4.sizeBytes > spec.optimization.maxSizeBytes) {
       throw new RootfsTooLargeError(ext4.sizeBytes, spec.optimization.maxSizeBytes);
     }

@@ -1,12 +1,14 @@
 /**
- * Worker-thread side of the layer applier: applies one layer at a time. Extraction uses
- * synchronous file system calls (fast, but they block a thread), so it runs here, on its own
- * core, while the main thread keeps downloading the next layers.
+ * Worker-thread side of the layer applier: applies one layer at a time, and writes the ext4 image
+ * around the extracted content at the end. Both use synchronous file system calls (fast, but they
+ * block a thread), so they run here, on their own core, while the main thread keeps downloading
+ * the next layers and serving RPCs.
  */
 import fs from "node:fs";
 import { Readable } from "node:stream";
 import { parentPort } from "node:worker_threads";
 import { KilnError } from "@kiln/kit";
+import { type WriteImageOptions, writeExt4Image } from "../rootfs/ext4/writer.js";
 import { type ApplyLayerResult, applyLayer } from "./apply-layer.js";
 import { decompressLayer } from "./decompress.js";
 
@@ -25,6 +27,13 @@ export interface ApplyJob {
   image?: { file: string; nonce: string; nextBlock: number };
 }
 
+/** Write the ext4 image of a tree extracted with `image` (rootfs/ext4/writer.ts); nonce in hex. */
+export interface WriteImageJob extends Omit<WriteImageOptions, "nonce"> {
+  kind: "write-image";
+  id: number;
+  nonce: string;
+}
+
 /** More of a growing layer file is on disk. */
 export interface WrittenUpdate {
   kind: "written";
@@ -38,51 +47,56 @@ if (!parentPort) throw new Error("apply-worker must run in a worker thread");
 const port = parentPort;
 const followers = new Map<number, (written: number) => void>();
 
-port.on("message", async (m: ApplyJob | WrittenUpdate) => {
+port.on("message", async (m: ApplyJob | WriteImageJob | WrittenUpdate) => {
   if (m.kind === "written") {
     followers.get(m.id)?.(m.written);
     return;
   }
-  const job = m;
   try {
-    // Opened before the source, which would leak if this failed. No O_CREAT or O_TRUNC: the caller
-    // made the image, and earlier layers' content is in it.
-    const image = job.image;
-    const imageFd = image && fs.openSync(image.file, fs.constants.O_WRONLY);
-    let result: ApplyLayerResult;
-    try {
-      let source: Readable;
-      if (job.growing) {
-        const follow = followGrowing(job.growing.fd, job.growing.size, job.growing.written);
-        followers.set(job.id, follow.advance);
-        source = follow.stream;
-      } else {
-        source = fs.createReadStream(job.file!, { highWaterMark: READ_BYTES });
-      }
-      const stream = decompressLayer(source, job.compression);
-      result = await applyLayer(job.rootfs, stream, {
-        maxBytes: job.maxBytes,
-        usedBytes: job.usedBytes,
-        imageData:
-          image && imageFd !== undefined
-            ? { fd: imageFd, nonce: Buffer.from(image.nonce, "hex"), nextBlock: image.nextBlock }
-            : undefined,
-      });
-    } finally {
-      // Inside the outer try: an error closing fails this job instead of crashing the thread.
-      if (imageFd !== undefined) fs.closeSync(imageFd);
-    }
-    port.postMessage({ id: job.id, result });
+    const result =
+      m.kind === "apply" ? await apply(m) : writeExt4Image({ ...m, nonce: Buffer.from(m.nonce, "hex") });
+    port.postMessage({ id: m.id, result });
   } catch (err) {
     const e = err instanceof Error ? err : new Error(String(err));
     port.postMessage({
-      id: job.id,
+      id: m.id,
       error: { name: e.name, message: e.message, code: err instanceof KilnError ? err.code : undefined },
     });
   } finally {
-    followers.delete(job.id);
+    followers.delete(m.id);
   }
 });
+
+async function apply(job: ApplyJob): Promise<ApplyLayerResult> {
+  // Opened before the source, which would leak if this failed. No O_CREAT or O_TRUNC: the caller
+  // made the image, and earlier layers' content is in it.
+  const image = job.image;
+  const imageFd = image && fs.openSync(image.file, fs.constants.O_WRONLY);
+  let result: ApplyLayerResult;
+  try {
+    let source: Readable;
+    if (job.growing) {
+      const follow = followGrowing(job.growing.fd, job.growing.size, job.growing.written);
+      followers.set(job.id, follow.advance);
+      source = follow.stream;
+    } else {
+      source = fs.createReadStream(job.file!, { highWaterMark: READ_BYTES });
+    }
+    const stream = decompressLayer(source, job.compression);
+    result = await applyLayer(job.rootfs, stream, {
+      maxBytes: job.maxBytes,
+      usedBytes: job.usedBytes,
+      imageData:
+        image && imageFd !== undefined
+          ? { fd: imageFd, nonce: Buffer.from(image.nonce, "hex"), nextBlock: image.nextBlock }
+          : undefined,
+    });
+  } finally {
+    // Inside the caller's try: an error closing fails this job instead of crashing the thread.
+    if (imageFd !== undefined) fs.closeSync(imageFd);
+  }
+  return result;
+}
 
 /**
  * The bytes of a file another thread is still writing, read up to what it reports written and

@@ -9,10 +9,14 @@ import {
   UnimplementedError,
 } from "@kiln/kit";
 import type { GrowingFile } from "../cache/layer-cache.js";
+import type { WriteImageOptions, WrittenImage } from "../rootfs/ext4/writer.js";
 import type { ApplyLayerResult } from "./apply-layer.js";
-import type { ApplyJob, WrittenUpdate } from "./apply-worker.js";
+import type { ApplyJob, WriteImageJob, WrittenUpdate } from "./apply-worker.js";
 
-/** Applies layer files in worker threads, so extraction and downloads use both cores. */
+/**
+ * Applies layer files in worker threads, so extraction and downloads use both cores; and writes
+ * the ext4 image of a tree extracted into one (rootfs/ext4/writer.ts) there too.
+ */
 export interface LayerApplier {
   /**
    * Applies a complete layer file, or one still downloading (read as it grows, up to its size).
@@ -31,6 +35,8 @@ export interface LayerApplier {
       image?: { file: string; nonce: Buffer; nextBlock: number };
     },
   ): Promise<ApplyLayerResult>;
+  /** Writes the ext4 image around content the layers put into it (rootfs/ext4/writer.ts). */
+  writeImage(opts: WriteImageOptions, signal?: AbortSignal): Promise<WrittenImage>;
   close(): Promise<void>;
 }
 
@@ -65,9 +71,53 @@ export function createLayerApplier(): LayerApplier {
   // One thread is started ahead, so the first build does not wait for it.
   idle.push(spawn());
 
+  /**
+   * Runs one job on an idle worker and settles with its reply. Jobs are synchronous in the
+   * worker: stopping one means ending the thread (a new one is started for the next job).
+   */
+  const run = <T>(job: ApplyJob | WriteImageJob, signal?: AbortSignal, watch?: (w: Worker) => () => void) => {
+    const worker = idle.pop() ?? spawn();
+    return new Promise<T>((resolve, reject) => {
+      const unwatch = watch?.(worker);
+      const done = () => {
+        unwatch?.();
+        worker.off("message", onMessage);
+        worker.off("error", onError);
+        worker.off("exit", onExit);
+        signal?.removeEventListener("abort", onAbort);
+      };
+      const onMessage = (m: {
+        id: number;
+        result?: T;
+        error?: { name: string; message: string; code?: Code };
+      }) => {
+        if (m.id !== job.id) return;
+        done();
+        idle.push(worker);
+        if (m.result) return resolve(m.result);
+        const Cls = m.error?.code !== undefined ? ERRORS[m.error.code] : undefined;
+        reject(Cls ? new Cls(m.error!.message) : new InternalError(m.error?.message ?? `${job.kind} failed`));
+      };
+      const onError = (err: Error) => {
+        done();
+        reject(new InternalError(`layer extraction crashed: ${err.message}`, { cause: err }));
+      };
+      const onExit = () => {
+        done();
+        reject(signal?.aborted ? signal.reason : new InternalError("layer extraction worker exited"));
+      };
+      const onAbort = () => void worker.terminate();
+      worker.on("message", onMessage);
+      worker.once("error", onError);
+      worker.once("exit", onExit);
+      if (signal?.aborted) return onAbort();
+      signal?.addEventListener("abort", onAbort, { once: true });
+      worker.postMessage(job);
+    });
+  };
+
   return {
     apply(rootfs, file, compression, opts) {
-      const worker = idle.pop() ?? spawn();
       const id = nextId++;
       const job: ApplyJob = {
         kind: "apply",
@@ -82,55 +132,23 @@ export function createLayerApplier(): LayerApplier {
         // A Buffer would arrive in the worker as a plain Uint8Array: sent as hex, as ApplyJob says.
         ...(opts.image && { image: { ...opts.image, nonce: opts.image.nonce.toString("hex") } }),
       };
-      return new Promise<ApplyLayerResult>((resolve, reject) => {
-        const unwatch =
-          typeof file === "string"
-            ? undefined
-            : file.watch((written) =>
+      const watch =
+        typeof file === "string"
+          ? undefined
+          : (worker: Worker) =>
+              file.watch((written) =>
                 worker.postMessage({ kind: "written", id, written } satisfies WrittenUpdate),
               );
-        const done = () => {
-          unwatch?.();
-          worker.off("message", onMessage);
-          worker.off("error", onError);
-          worker.off("exit", onExit);
-          opts.signal?.removeEventListener("abort", onAbort);
-        };
-        const onMessage = (m: {
-          id: number;
-          result?: ApplyLayerResult;
-          error?: { name: string; message: string; code?: Code };
-        }) => {
-          if (m.id !== job.id) return;
-          done();
-          idle.push(worker);
-          if (m.result) return resolve(m.result);
-          const Cls = m.error?.code !== undefined ? ERRORS[m.error.code] : undefined;
-          reject(
-            Cls
-              ? new Cls(m.error!.message)
-              : new InternalError(m.error?.message ?? "layer extraction failed"),
-          );
-        };
-        const onError = (err: Error) => {
-          done();
-          reject(new InternalError(`layer extraction crashed: ${err.message}`, { cause: err }));
-        };
-        const onExit = () => {
-          done();
-          reject(
-            opts.signal?.aborted ? opts.signal.reason : new InternalError("layer extraction worker exited"),
-          );
-        };
-        // Extraction is synchronous in the worker: stopping it means ending the thread.
-        const onAbort = () => void worker.terminate();
-        worker.on("message", onMessage);
-        worker.once("error", onError);
-        worker.once("exit", onExit);
-        if (opts.signal?.aborted) return onAbort();
-        opts.signal?.addEventListener("abort", onAbort, { once: true });
-        worker.postMessage(job);
-      });
+      return run<ApplyLayerResult>(job, opts.signal, watch);
+    },
+    writeImage(opts, signal) {
+      const job: WriteImageJob = {
+        ...opts,
+        kind: "write-image",
+        id: nextId++,
+        nonce: opts.nonce.toString("hex"),
+      };
+      return run<WrittenImage>(job, signal);
     },
     async close() {
       await Promise.all([...all].map((w) => w.terminate()));

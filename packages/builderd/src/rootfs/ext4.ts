@@ -4,6 +4,7 @@ import fs from "node:fs/promises";
 import path from "node:path";
 import { pipeline } from "node:stream/promises";
 import { FailedPreconditionError, fsyncPath, InternalError, sharedSpawner } from "@kiln/kit";
+import { journalBytes } from "./ext4/format.js";
 
 export interface Ext4Options {
   /** Free space to add on top of the content (default 32 MiB)… */
@@ -93,11 +94,22 @@ export async function buildExt4(
     }
   }
 
+  return { sizeBytes: size, sha256: await sealImage(outFile, opts) };
+}
+
+/**
+ * Hashes and fsyncs a finished image, each unless turned off; the two overlap (the hash reads
+ * from the page cache while the flush writes it out). Returns the digest ("sha256:…").
+ */
+export async function sealImage(
+  file: string,
+  opts: Pick<Ext4Options, "checksum" | "sync" | "signal">,
+): Promise<string | undefined> {
   const [sha256] = await Promise.all([
-    opts.checksum === false ? undefined : hashFile(outFile, opts.signal),
-    opts.sync === false ? undefined : fsyncPath(outFile),
+    opts.checksum === false ? undefined : hashFile(file, opts.signal),
+    opts.sync === false ? undefined : fsyncPath(file),
   ]);
-  return { sizeBytes: size, sha256 };
+  return sha256;
 }
 
 async function hashFile(file: string, signal?: AbortSignal): Promise<string> {
@@ -207,20 +219,6 @@ function filesystemBytes(data: number, inodes: number): number {
   // Bitmaps, group descriptors, reserved GDT blocks: about 1% plus a fixed part.
   total += total * 0.01 + 2 * MiB;
   return total + journalBytes(total);
-}
-
-/** mke2fs's default journal size (ext2fs_default_journal_size) for 4 KiB blocks. */
-function journalBytes(fsBytes: number): number {
-  const blocks = fsBytes / BLOCK;
-  if (blocks < 2048) return 0;
-  if (blocks < 32768) return 4 * MiB;
-  if (blocks < 256 * 1024) return 16 * MiB;
-  if (blocks < 512 * 1024) return 32 * MiB;
-  if (blocks < 4096 * 1024) return 64 * MiB;
-  if (blocks < 8192 * 1024) return 128 * MiB;
-  if (blocks < 16384 * 1024) return 256 * MiB;
-  if (blocks < 32768 * 1024) return 512 * MiB;
-  return 1024 * MiB;
 }
 
 function roundUp(n: number, to: number): number {

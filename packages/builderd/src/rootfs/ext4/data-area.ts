@@ -13,6 +13,8 @@
  * hard links share it, and replacing or deleting the file drops it.
  */
 import { randomBytes } from "node:crypto";
+import fs from "node:fs";
+import fsp from "node:fs/promises";
 
 export const BLOCK_SIZE = 4096;
 /**
@@ -61,4 +63,34 @@ export function decodePlaceholder(content: Buffer, nonce: Buffer): DataExtent | 
 /** Blocks that `bytes` of content take. */
 export function blocksFor(bytes: number): number {
   return Math.ceil(bytes / BLOCK_SIZE);
+}
+
+/**
+ * Puts the content of the placeholder at `file` back into the file, read from the image (a no-op
+ * for any other file). For the few files a build reads before the image is written (the image's
+ * /etc/passwd and /etc/group, to resolve the workload's user); the writer then copies them into
+ * the image like any other file. Inode, mode, owner and times stay as they were.
+ */
+export async function restoreContent(file: string, image: string, nonce: Buffer): Promise<void> {
+  const fh = await fsp.open(file, fs.constants.O_RDWR | fs.constants.O_NOFOLLOW).catch(() => undefined);
+  if (!fh) return;
+  try {
+    const st = await fh.stat();
+    if (!st.isFile() || st.size !== PLACEHOLDER_BYTES) return;
+    const { buffer } = await fh.read(Buffer.alloc(PLACEHOLDER_BYTES), 0, PLACEHOLDER_BYTES, 0);
+    const extent = decodePlaceholder(buffer, nonce);
+    if (!extent) return;
+    const content = Buffer.alloc(extent.length);
+    const img = await fsp.open(image, "r");
+    try {
+      await img.read(content, 0, extent.length, extent.block * BLOCK_SIZE);
+    } finally {
+      await img.close();
+    }
+    await fh.truncate(0);
+    await fh.write(content, 0, content.length, 0);
+    await fh.utimes(st.atime, st.mtime);
+  } finally {
+    await fh.close();
+  }
 }

@@ -1,0 +1,143 @@
+import { execFileSync } from "node:child_process";
+import fs from "node:fs";
+import path from "node:path";
+import { tempDir } from "@kiln/kit/testing";
+import { afterEach, beforeEach, describe, expect, it } from "vitest";
+import { snapshotTree } from "../../extract/fixtures/tree-snapshot.js";
+import {
+  BLOCK_SIZE,
+  blocksFor,
+  DATA_START_BLOCK,
+  encodePlaceholder,
+  newNonce,
+  PLACEHOLDER_BYTES,
+} from "./data-area.js";
+import { fsckImage, snapshotImage } from "./testing/image-tree.js";
+import { writeExt4Image } from "./writer.js";
+
+let tmp: { path: string; remove(): void };
+let root: string;
+let image: string;
+beforeEach(() => {
+  tmp = tempDir("kiln-ext4-writer-");
+  root = path.join(tmp.path, "root");
+  image = path.join(tmp.path, "rootfs.ext4");
+  fs.mkdirSync(root, { mode: 0o755 });
+  fs.chmodSync(root, 0o755);
+});
+afterEach(() => tmp.remove());
+
+async function expectCleanImageOf(tree: string) {
+  const fsck = await fsckImage(image);
+  expect(fsck.clean, fsck.output).toBe(true);
+  const ours = await snapshotImage(image);
+  const theirs = snapshotTree(tree);
+  expect(Object.keys(ours.nodes)).toEqual(Object.keys(theirs.nodes));
+  expect(ours.nodes).toEqual(theirs.nodes);
+  expect(ours.hardlinkGroups).toEqual(theirs.hardlinkGroups);
+}
+
+/** Superblock fields, as dumpe2fs prints them. */
+function superblock(): Record<string, string> {
+  const out = execFileSync("dumpe2fs", ["-h", image], {
+    encoding: "utf8",
+    stdio: ["ignore", "pipe", "ignore"],
+  });
+  return Object.fromEntries(
+    out
+      .split("\n")
+      .filter((l) => l.includes(":"))
+      .map((l) => [l.slice(0, l.indexOf(":")).trim(), l.slice(l.indexOf(":") + 1).trim()]),
+  );
+}
+
+describe("writeExt4Image", () => {
+  it("copies a tree it finds no placeholders in: every type, mode, owner, time and hard link", async () => {
+    const p = (rel: string) => path.join(root, rel);
+    fs.mkdirSync(p("usr/bin"), { recursive: true });
+    fs.mkdirSync(p("tmp"), { mode: 0o1777 });
+    fs.chmodSync(p("tmp"), 0o1777);
+    fs.writeFileSync(p("empty"), "");
+    fs.writeFileSync(p("one"), "x");
+    fs.writeFileSync(p("block"), Buffer.alloc(BLOCK_SIZE, 1));
+    fs.writeFileSync(p("block-and-one"), Buffer.alloc(BLOCK_SIZE + 1, 2));
+    fs.writeFileSync(p("usr/bin/tool"), Buffer.alloc(3 * 1024 * 1024 + 7, 3));
+    fs.chownSync(p("usr/bin/tool"), 70000, 65534);
+    fs.chmodSync(p("usr/bin/tool"), 0o4755);
+    fs.linkSync(p("usr/bin/tool"), p("tool-link"));
+    fs.symlinkSync("usr/bin/tool", p("fast"));
+    fs.symlinkSync(`/${"long/".repeat(20)}target`, p("slow"));
+    fs.writeFileSync(p("name with spaces ü"), "unicode");
+    execFileSync("mkfifo", [p("fifo")]);
+    fs.utimesSync(p("one"), new Date("1969-07-20T20:17:40.5Z"), new Date("1969-07-20T20:17:40.123Z"));
+    fs.utimesSync(p("block"), 1_700_000_000.987654, 1_700_000_000.123456);
+    writeExt4Image({ rootfs: root, image, nonce: newNonce(), nextBlock: DATA_START_BLOCK });
+    await expectCleanImageOf(root);
+  });
+
+  it("maps placeholders to the content already in the image, and copies other 64-byte files", async () => {
+    const nonce = newNonce();
+    const content = Buffer.from("content the extractor put into the image\n".repeat(500));
+    fs.writeFileSync(image, "");
+    const fd = fs.openSync(image, "r+");
+    fs.writeSync(fd, content, 0, content.length, DATA_START_BLOCK * BLOCK_SIZE);
+    fs.closeSync(fd);
+    fs.writeFileSync(
+      path.join(root, "placed"),
+      encodePlaceholder(nonce, { block: DATA_START_BLOCK, length: content.length }),
+    );
+    fs.linkSync(path.join(root, "placed"), path.join(root, "placed-link"));
+    // Same size and magic, another build's nonce: content, not a placeholder.
+    const foreign = encodePlaceholder(newNonce(), { block: DATA_START_BLOCK, length: 5 });
+    fs.writeFileSync(path.join(root, "foreign"), foreign);
+    // Whole seconds: the expected tree below is made with cpSync, whose times are not exact to the ns.
+    for (const name of ["placed", "foreign"])
+      fs.utimesSync(path.join(root, name), 1_600_000_000, 1_600_000_000);
+    const written = writeExt4Image({
+      rootfs: root,
+      image,
+      nonce,
+      nextBlock: DATA_START_BLOCK + blocksFor(content.length),
+    });
+    expect(written.contentBytes).toBe(content.length + PLACEHOLDER_BYTES);
+
+    // What the image holds is the tree with each placeholder's content in its place.
+    for (const name of ["placed", "foreign"])
+      fs.utimesSync(path.join(root, name), 1_600_000_000, 1_600_000_000);
+    const expected = path.join(tmp.path, "expected");
+    fs.cpSync(root, expected, { recursive: true, preserveTimestamps: true });
+    fs.rmSync(path.join(expected, "placed-link"));
+    fs.writeFileSync(path.join(expected, "placed"), content);
+    fs.linkSync(path.join(expected, "placed"), path.join(expected, "placed-link"));
+    const placed = fs.statSync(path.join(root, "placed"));
+    fs.utimesSync(path.join(expected, "placed"), placed.atime, placed.mtime);
+    await expectCleanImageOf(expected);
+  });
+
+  it("refuses a placeholder that points outside the content the extractor wrote", () => {
+    const nonce = newNonce();
+    fs.writeFileSync(
+      path.join(root, "bad"),
+      encodePlaceholder(nonce, { block: DATA_START_BLOCK, length: 3 * BLOCK_SIZE }),
+    );
+    expect(() => writeExt4Image({ rootfs: root, image, nonce, nextBlock: DATA_START_BLOCK + 2 })).toThrow(
+      /points outside the image's content/,
+    );
+  });
+
+  it("spreads a large directory over several blocks, and sizes the image with headroom and spare inodes", async () => {
+    const dir = path.join(root, "many");
+    fs.mkdirSync(dir);
+    for (let i = 0; i < 3000; i++) fs.writeFileSync(path.join(dir, `entry-with-a-longer-name-${i}`), `${i}`);
+    const written = writeExt4Image({ rootfs: root, image, nonce: newNonce(), nextBlock: DATA_START_BLOCK });
+    await expectCleanImageOf(root);
+    const sb = superblock();
+    const freeBytes = Number(sb["Free blocks"]) * BLOCK_SIZE;
+    expect(freeBytes).toBeGreaterThanOrEqual(32 * 1024 * 1024);
+    expect(Number(sb["Inode count"])).toBeGreaterThanOrEqual(Math.ceil(3003 * 1.2) + 4096);
+    expect(Number(sb["Block count"]) * BLOCK_SIZE).toBe(written.sizeBytes);
+    expect(fs.statSync(image).size).toBe(written.sizeBytes);
+    expect(sb["Filesystem features"]).toMatch(/has_journal/);
+    expect(sb["Filesystem volume name"]).toBe("rootfs");
+  });
+});
