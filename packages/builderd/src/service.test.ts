@@ -12,6 +12,7 @@ import { assetmanagerd } from "@kiln/assetmanagerd";
 import { startTestService, type TestService, tempDir } from "@kiln/kit/testing";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { builderd } from "./definition.js";
+import { fsckImage, snapshotImage } from "./rootfs/ext4/testing/image-tree.js";
 import { type EntrySpec, writeOciLayout } from "./testing/oci-layout.js";
 import { pushLayout, startTestRegistry } from "./testing/registry.js";
 
@@ -232,6 +233,48 @@ describe("builderd", () => {
     expect(await ls("/usr/share/doc")).not.toContain("app");
     const stat = (await run("debugfs", ["-R", "stat /www/index.html", build.rootfsPath])).stdout;
     expect(stat).toMatch(/User:\s+1000\s+Group:\s+1000/);
+  });
+
+  it("makes the same tree with UNKEY_BUILDERD_EXT4_WRITER=mkfs (mkfs.ext4 -d) as with Kiln's writer", async () => {
+    const mkfsSvc = await startTestService(builderd, {
+      env: {
+        UNKEY_BUILDERD_INSECURE_REGISTRIES: registry.host,
+        UNKEY_BUILDERD_EXT4_WRITER: "mkfs",
+        UNKEY_BUILDERD_REGISTER_ASSETS: "false",
+      },
+    });
+    try {
+      const mkfsClient = createClient(BuilderService, mkfsSvc.service.transport);
+      const headers = { "x-kiln-tenant-id": "acme", "x-kiln-tenant-tier": "pro" };
+      const { buildId } = await mkfsClient.createBuild(
+        {
+          config: {
+            source: { sourceType: { case: "dockerImage", value: { imageUri: image("app:1") } } },
+            target: { targetType: { case: "microvmRootfs", value: { optimization: { removeDocs: true } } } },
+          },
+        },
+        { headers },
+      );
+      for await (const _ of mkfsClient.streamBuildLogs({ buildId, follow: true }, { headers })) {
+      }
+      const viaMkfs = (await mkfsClient.getBuild({ buildId }, { headers })).build!;
+      expect(viaMkfs.errorMessage).toBe("");
+      const viaKiln = await waitEnd((await createBuild(image("app:1"))).buildId);
+      expect(viaKiln.errorMessage).toBe("");
+      for (const b of [viaMkfs, viaKiln]) {
+        const fsck = await fsckImage(b.rootfsPath);
+        expect(fsck.clean, fsck.output).toBe(true);
+      }
+      // mkfs keeps whole seconds of mtimes (Kiln's writer keeps nanoseconds), and the injected
+      // init files are stamped when each build made them: compare everything else.
+      const tree = async (img: string) =>
+        Object.fromEntries(
+          Object.entries((await snapshotImage(img)).nodes).map(([p, { mtimeMs: _, ...n }]) => [p, n]),
+        );
+      expect(await tree(viaKiln.rootfsPath)).toEqual(await tree(viaMkfs.rootfsPath));
+    } finally {
+      await mkfsSvc.stop();
+    }
   });
 
   it("streams the build's log with stages, and progress in bytes", async () => {
