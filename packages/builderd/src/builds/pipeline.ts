@@ -190,18 +190,18 @@ export async function runPipeline(spec: BuildSpec, deps: PipelineDeps): Promise<
   });
   allDownloaded.catch(() => {});
 
-  /**
-   * Applies one layer. A file still downloading is applied as it grows; the layer counts as
-   * applied only once its download is verified too — a digest mismatch fails the build (and
-   * stops the extraction), so no unverified content survives into a rootfs. Verified is enough:
-   * the next layer need not wait for this one's fsync into the cache.
-   */
   // With Kiln's writer, layers write file content straight into the image file, from block
   // DATA_START_BLOCK on, each layer after the previous one's content.
   const imageData =
     deps.ext4Writer === "kiln"
       ? { file: paths.artifact, nonce: newNonce(), nextBlock: DATA_START_BLOCK }
       : undefined;
+  /**
+   * Applies one layer. A file still downloading is applied as it grows; the layer counts as
+   * applied only once its download is verified too — a digest mismatch fails the build (and
+   * stops the extraction), so no unverified content survives into a rootfs. Verified is enough:
+   * the next layer need not wait for this one's fsync into the cache.
+   */
   const applyLayer = async (
     ready: string | GrowingFile,
     compression: (typeof image.layers)[number]["compression"],
@@ -318,7 +318,14 @@ export async function runPipeline(spec: BuildSpec, deps: PipelineDeps): Promise<
     if (spec.optimization.maxSizeBytes > 0 && ext4.sizeBytes > spec.optimization.maxSizeBytes) {
       throw new RootfsTooLargeError(ext4.sizeBytes, spec.optimization.maxSizeBytes);
     }
-    report.log("info", "mkfs", `ext4 image ${ext4.sha256 ?? "made"}`, { bytes: ext4.sizeBytes });
+    report.log(
+      "info",
+      "image",
+      `ext4 image ${ext4.sha256 ?? "made"} (${deps.ext4Writer === "kiln" ? "Kiln's writer" : "mkfs.ext4 -d"})`,
+      {
+        bytes: ext4.sizeBytes,
+      },
+    );
     // The tree is now inside the image; keep only the artifact and metadata. Its inodes are
     // deleted in the background once the build's result is recorded (builds/trash.ts).
     await deps.discard(paths.rootfs);
