@@ -182,8 +182,17 @@ export async function runPipeline(spec: BuildSpec, deps: PipelineDeps): Promise<
   // Downloads start in order, at most layerConcurrency at once; extraction follows each layer's
   // bytes as they arrive, in order.
   const downloads = image.layers.map((layer, i) => fetchLayer(layer, i));
-  // A failed download must not leave others running or an unhandled rejection behind.
-  for (const d of downloads) d.catch(() => downloadAbort.abort());
+  // Layers complete in the cache so far: the next one's is decompressed ahead while one is applied.
+  const complete: Array<string | undefined> = [];
+  for (const [i, d] of downloads.entries()) {
+    d.then(
+      (file) => {
+        complete[i] = file;
+      },
+      // A failed download must not leave others running or an unhandled rejection behind.
+      () => downloadAbort.abort(),
+    );
+  }
   const allDownloaded = Promise.all(downloads).then(() => {
     const seconds = (performance.now() - pullStarted) / 1000;
     deps.onPull?.(source.registryLabel, seconds);
@@ -202,12 +211,16 @@ export async function runPipeline(spec: BuildSpec, deps: PipelineDeps): Promise<
    * stops the extraction), so no unverified content survives into a rootfs. Verified is enough:
    * the next layer need not wait for this one's fsync into the cache.
    */
-  const applyLayer = async (
-    ready: string | GrowingFile,
-    compression: (typeof image.layers)[number]["compression"],
-    usedBytes: number,
-  ) => {
-    const opts = { maxBytes: deps.limits.maxDiskBytes, usedBytes, image: imageData && { ...imageData } };
+  const applyLayer = async (i: number, ready: string | GrowingFile, usedBytes: number) => {
+    const nextFile = complete[i + 1];
+    const next = nextFile ? { file: nextFile, compression: image.layers[i + 1]!.compression } : undefined;
+    const compression = image.layers[i]!.compression;
+    const opts = {
+      maxBytes: deps.limits.maxDiskBytes,
+      usedBytes,
+      image: imageData && { ...imageData },
+      next,
+    };
     if (typeof ready === "string")
       return deps.applier.apply(paths.rootfs, ready, compression, { ...opts, signal });
     const stop = new AbortController();
@@ -242,7 +255,7 @@ export async function runPipeline(spec: BuildSpec, deps: PipelineDeps): Promise<
       const ready = await Promise.race([downloads[i]!, growing[i]!.promise]);
       signal.throwIfAborted();
       await report.stage("extracting", `extracting layer ${i + 1}/${image.layers.length}`);
-      const result = await applyLayer(ready, layer.compression, usedBytes);
+      const result = await applyLayer(i, ready, usedBytes);
       usedBytes += result.bytesWritten;
       if (imageData) imageData.nextBlock = result.nextBlock ?? imageData.nextBlock;
       for (const s of result.skipped) report.log("warn", "extract", `skipped ${s.path}: ${s.reason}`);

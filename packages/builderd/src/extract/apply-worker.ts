@@ -25,6 +25,8 @@ export interface ApplyJob {
   usedBytes: number;
   /** Write file content into this image's data area (ApplyLayerOptions.imageData); nonce in hex. */
   image?: { file: string; nonce: string; nextBlock: number };
+  /** The next layer's complete file, to start decompressing while this one is applied. */
+  next?: { file: string; compression: ApplyJob["compression"] };
 }
 
 /** Write the ext4 image of a tree extracted with `image` (rootfs/ext4/writer.ts); nonce in hex. */
@@ -47,12 +49,43 @@ if (!parentPort) throw new Error("apply-worker must run in a worker thread");
 const port = parentPort;
 const followers = new Map<number, (written: number) => void>();
 
+/**
+ * The next layer's decompressed stream, started while the current layer is applied (ApplyJob.next):
+ * zlib inflates on libuv's threadpool, so the next layer inflates on the other core while this
+ * thread writes the current one, up to the stream's read-ahead. Taken by the job for that file;
+ * dropped by any other job.
+ */
+let prefetched: { file: string; stream: Readable; failed: boolean } | undefined;
+
+function takePrefetched(file: string | undefined): Readable | undefined {
+  const p = prefetched;
+  prefetched = undefined;
+  if (p && p.file === file && !p.failed && !p.stream.destroyed) return p.stream;
+  p?.stream.destroy();
+  return undefined;
+}
+
+function prefetch(next: ApplyJob["next"]): void {
+  if (!next) return;
+  const stream = decompressLayer(
+    fs.createReadStream(next.file, { highWaterMark: READ_BYTES }),
+    next.compression,
+  );
+  const entry = { file: next.file, stream, failed: false };
+  // An error before the job takes it: that job opens the file again and meets it itself.
+  stream.once("error", () => {
+    entry.failed = true;
+  });
+  prefetched = entry;
+}
+
 port.on("message", async (m: ApplyJob | WriteImageJob | WrittenUpdate) => {
   if (m.kind === "written") {
     followers.get(m.id)?.(m.written);
     return;
   }
   try {
+    if (m.kind !== "apply") takePrefetched(undefined);
     const result =
       m.kind === "apply" ? await apply(m) : writeExt4Image({ ...m, nonce: Buffer.from(m.nonce, "hex") });
     port.postMessage({ id: m.id, result });
@@ -74,15 +107,19 @@ async function apply(job: ApplyJob): Promise<ApplyLayerResult> {
   const imageFd = image && fs.openSync(image.file, fs.constants.O_WRONLY);
   let result: ApplyLayerResult;
   try {
-    let source: Readable;
-    if (job.growing) {
-      const follow = followGrowing(job.growing.fd, job.growing.size, job.growing.written);
-      followers.set(job.id, follow.advance);
-      source = follow.stream;
-    } else {
-      source = fs.createReadStream(job.file!, { highWaterMark: READ_BYTES });
+    let stream = takePrefetched(job.file);
+    if (!stream) {
+      let source: Readable;
+      if (job.growing) {
+        const follow = followGrowing(job.growing.fd, job.growing.size, job.growing.written);
+        followers.set(job.id, follow.advance);
+        source = follow.stream;
+      } else {
+        source = fs.createReadStream(job.file!, { highWaterMark: READ_BYTES });
+      }
+      stream = decompressLayer(source, job.compression);
     }
-    const stream = decompressLayer(source, job.compression);
+    prefetch(job.next);
     result = await applyLayer(job.rootfs, stream, {
       maxBytes: job.maxBytes,
       usedBytes: job.usedBytes,
@@ -91,6 +128,10 @@ async function apply(job: ApplyJob): Promise<ApplyLayerResult> {
           ? { fd: imageFd, nonce: Buffer.from(image.nonce, "hex"), nextBlock: image.nextBlock }
           : undefined,
     });
+  } catch (err) {
+    // A failed layer fails the build: the next layer will not be asked for.
+    takePrefetched(undefined);
+    throw err;
   } finally {
     // Inside the caller's try: an error closing fails this job instead of crashing the thread.
     if (imageFd !== undefined) fs.closeSync(imageFd);

@@ -141,6 +141,45 @@ describe("layer applier", () => {
     });
   });
 
+  describe("decompressing the next layer ahead", () => {
+    const layerFile = async (dir: string, name: string, content: string) => {
+      const file = path.join(dir, `${name}.tar.gz`);
+      fs.writeFileSync(file, zlib.gzipSync(await layerTar([{ type: "file", path: name, content }])));
+      return file;
+    };
+    const opts = { maxBytes: 0, usedBytes: 0 };
+
+    it("applies the next layer from the stream started ahead (its file may be gone by then)", async () => {
+      const dir = fresh();
+      const rootfs = path.join(dir, "rootfs");
+      const a = await layerFile(dir, "a", "first");
+      const b = await layerFile(dir, "b", "second");
+      await applier.apply(rootfs, a, "gzip", { ...opts, next: { file: b, compression: "gzip" } });
+      // Without the read-ahead, the job for b would find no file.
+      fs.rmSync(b);
+      await applier.apply(rootfs, b, "gzip", opts);
+      expect(fs.readFileSync(path.join(rootfs, "a"), "utf8")).toBe("first");
+      expect(fs.readFileSync(path.join(rootfs, "b"), "utf8")).toBe("second");
+    });
+
+    it("drops a read-ahead another layer comes instead of, and one of a file that fails", async () => {
+      const dir = fresh();
+      const rootfs = path.join(dir, "rootfs");
+      const a = await layerFile(dir, "a", "first");
+      const b = await layerFile(dir, "b", "second");
+      const c = await layerFile(dir, "c", "third");
+      await applier.apply(rootfs, a, "gzip", { ...opts, next: { file: b, compression: "gzip" } });
+      await applier.apply(rootfs, c, "gzip", opts);
+      expect(fs.readdirSync(rootfs).sort()).toEqual(["a", "c"]);
+      const missing = path.join(dir, "missing.tar.gz");
+      await applier.apply(rootfs, b, "gzip", { ...opts, next: { file: missing, compression: "gzip" } });
+      await expect(applier.apply(rootfs, missing, "gzip", opts)).rejects.toThrow(/ENOENT|no such file/);
+      fs.rmSync(path.join(rootfs, "a"));
+      await applier.apply(rootfs, a, "gzip", opts);
+      expect(fs.readdirSync(rootfs).sort()).toEqual(["a", "b", "c"]);
+    });
+  });
+
   it("stops a layer waiting for bytes that never come when its signal aborts", async () => {
     const dir = fresh();
     const blob = zlib.gzipSync(await layerTar([{ type: "file", path: "f", content: Buffer.alloc(1 << 20) }]));

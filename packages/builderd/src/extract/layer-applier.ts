@@ -33,6 +33,8 @@ export interface LayerApplier {
       usedBytes: number;
       signal?: AbortSignal;
       image?: { file: string; nonce: Buffer; nextBlock: number };
+      /** The next layer's complete file: decompressed ahead while this one is applied. */
+      next?: ApplyJob["next"];
     },
   ): Promise<ApplyLayerResult>;
   /** Writes the ext4 image around content the layers put into it (rootfs/ext4/writer.ts). */
@@ -131,6 +133,7 @@ export function createLayerApplier(): LayerApplier {
         usedBytes: opts.usedBytes,
         // A Buffer would arrive in the worker as a plain Uint8Array: sent as hex, as ApplyJob says.
         ...(opts.image && { image: { ...opts.image, nonce: opts.image.nonce.toString("hex") } }),
+        next: opts.next,
       };
       const watch =
         typeof file === "string"
