@@ -125,6 +125,32 @@ describe("writeExt4Image", () => {
     );
   });
 
+  it("gives a tree of many small files the groups its inodes need", async () => {
+    // Over 32768 inodes (one group's most) in a few MiB of content. On tmpfs: creating 30,000
+    // files on this disk would take seconds.
+    const shm = fs.mkdtempSync(
+      path.join(fs.existsSync("/dev/shm") ? "/dev/shm" : tmp.path, "kiln-ext4-many-"),
+    );
+    try {
+      const tree = path.join(shm, "root");
+      fs.mkdirSync(tree, { mode: 0o755 });
+      for (let d = 0; d < 30; d++) {
+        fs.mkdirSync(path.join(tree, `d${d}`));
+        for (let i = 0; i < 1000; i++) fs.writeFileSync(path.join(tree, `d${d}`, `f${i}`), "");
+      }
+      writeExt4Image({ rootfs: tree, image, nonce: newNonce(), nextBlock: DATA_START_BLOCK });
+      const fsck = await fsckImage(image);
+      expect(fsck.clean, fsck.output).toBe(true);
+      const sb = superblock();
+      expect(Number(sb["Inode count"])).toBeGreaterThanOrEqual(Math.ceil(30_031 * 1.2) + 4096);
+      const groups = Math.ceil(Number(sb["Block count"]) / Number(sb["Blocks per group"]));
+      expect(groups * Number(sb["Inodes per group"])).toBe(Number(sb["Inode count"]));
+      expect(groups).toBeGreaterThan(1);
+    } finally {
+      fs.rmSync(shm, { recursive: true, force: true });
+    }
+  });
+
   it("spreads a large directory over several blocks, and sizes the image with headroom and spare inodes", async () => {
     const dir = path.join(root, "many");
     fs.mkdirSync(dir);

@@ -139,12 +139,11 @@ function write(fd: number, opts: WriteImageOptions, label: string): WrittenImage
   let nextIno = FIRST_INO + 1;
   let contentBytes = 0;
   const rootPath = Buffer.from(opts.rootfs);
-  const root = newNode(rootPath, ROOT_INO);
+  const root = newNode(rootPath, ROOT_INO, fs.lstatSync(rootPath, { bigint: true }));
   if (root.kind !== "dir") throw new FailedPreconditionError(`rootfs ${opts.rootfs} is not a directory`);
   let lostFound: Node | undefined;
 
-  function newNode(p: Buffer, ino: number): Node {
-    const st = fs.lstatSync(p, { bigint: true });
+  function newNode(p: Buffer, ino: number, st: fs.BigIntStats): Node {
     const meta: Meta = {
       mode: Number(st.mode),
       uid: Number(st.uid),
@@ -194,7 +193,7 @@ function write(fd: number, opts: WriteImageOptions, label: string): WrittenImage
       const key = `${st.dev}:${st.ino}`;
       if (!st.isDirectory() && st.nlink > 1n) node = byInode.get(key);
       if (!node) {
-        node = newNode(p, isLostFound && st.isDirectory() ? FIRST_INO : nextIno++);
+        node = newNode(p, isLostFound && st.isDirectory() ? FIRST_INO : nextIno++, st);
         if (node.ino === FIRST_INO) lostFound = node;
         if (!st.isDirectory() && st.nlink > 1n) byInode.set(key, node);
       }
@@ -256,12 +255,18 @@ function write(fd: number, opts: WriteImageOptions, label: string): WrittenImage
   const wantedInodes = Math.max(Math.ceil(nodes.length * 1.2) + 4096, usedInodes);
   // At most 512 MiB: four extents, all the inode holds.
   const journalBlocks = Math.min(journalBytes(cursor * BLOCK_SIZE + headroom), 512 * MiB) / BLOCK_SIZE;
-  let totalBlocks = cursor + journalBlocks + blocksFor(headroom);
-  let layout = planGroups(totalBlocks, wantedInodes);
+  // The metadata's size depends on the group count, which depends on the size: settle both.
+  const fixed = cursor + journalBlocks + blocksFor(headroom);
+  let layout = planGroups(fixed, wantedInodes);
+  let totalBlocks: number;
   for (;;) {
-    const need = roundUp(cursor + journalBlocks + layout.metaBlocks + blocksFor(headroom), MiB / BLOCK_SIZE);
-    const next = planGroups(need, wantedInodes);
-    totalBlocks = need;
+    // Inodes may need more groups than the blocks do (many small files): the last group then
+    // still has to exist, with a few MiB of its own.
+    totalBlocks = Math.max(
+      roundUp(fixed + layout.metaBlocks, MiB / BLOCK_SIZE),
+      (layout.groups - 1) * BLOCKS_PER_GROUP + (4 * MiB) / BLOCK_SIZE,
+    );
+    const next = planGroups(totalBlocks, wantedInodes);
     if (next.groups === layout.groups && next.inodesPerGroup === layout.inodesPerGroup) break;
     layout = next;
   }
