@@ -250,7 +250,6 @@ export async function runPipeline(spec: BuildSpec, deps: PipelineDeps): Promise<
     if (imageData) await fsp.writeFile(imageData.file, "", { mode: 0o644 });
     let usedBytes = 0;
     for (let i = 0; i < image.layers.length; i++) {
-      const layer = image.layers[i]!;
       // Whichever comes first: the verified file, or the file still downloading.
       const ready = await Promise.race([downloads[i]!, growing[i]!.promise]);
       signal.throwIfAborted();
