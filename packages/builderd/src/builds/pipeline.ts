@@ -275,7 +275,10 @@ export async function runPipeline(spec: BuildSpec, deps: PipelineDeps): Promise<
     if (imageData) {
       // The user is resolved through the image's own files: put their content back in the tree.
       for (const rel of ["etc/passwd", "etc/group"]) {
-        await restoreContent(await resolveInRoot(paths.rootfs, rel), imageData.file, imageData.nonce);
+        // A path that cannot be resolved (a symlink loop) is left for the user's resolution to
+        // report, should the build need it.
+        const file = await resolveInRoot(paths.rootfs, rel).catch(() => undefined);
+        if (file) await restoreContent(file, imageData.file, imageData.nonce);
       }
     }
     await injectInit(
