@@ -312,11 +312,12 @@ function write(fd: number, opts: WriteImageOptions, label: string): WrittenImage
   const journal = journalBlocks > 0 ? writeJournal(fd, table, journalStart, journalBlocks, uuid) : undefined;
 
   // 6. Inode bitmaps: the reserved inodes and every one used, padding past the group set.
+  // Inodes are numbered from 1 without gaps, so a group's used ones are a prefix of it.
+  const inodesUsedIn = (g: number) => Math.min(inodesPerGroup, Math.max(0, usedInodes - g * inodesPerGroup));
   const inodeBitmap = Buffer.alloc(groups * BLOCK_SIZE);
   for (let g = 0; g < groups; g++) {
     const base = g * BLOCK_SIZE * 8;
-    const usedHere = Math.min(inodesPerGroup, Math.max(0, usedInodes - g * inodesPerGroup));
-    setBits(inodeBitmap, base, base + usedHere);
+    setBits(inodeBitmap, base, base + inodesUsedIn(g));
     setBits(inodeBitmap, base + inodesPerGroup, base + BLOCK_SIZE * 8);
   }
 
@@ -329,16 +330,15 @@ function write(fd: number, opts: WriteImageOptions, label: string): WrittenImage
     const last = Math.min(totalBlocks, first + BLOCKS_PER_GROUP);
     let free = 0;
     for (let b = first; b < last; b++) if (!(bitmap[b >> 3]! & (1 << (b & 7)))) free++;
-    const usedHere = Math.min(inodesPerGroup, Math.max(0, usedInodes - g * inodesPerGroup));
     freeBlocks += free;
-    freeInodes += inodesPerGroup - usedHere;
+    freeInodes += inodesPerGroup - inodesUsedIn(g);
     encodeGroupDesc(
       {
         blockBitmap: blockBitmaps + g,
         inodeBitmap: inodeBitmaps + g,
         inodeTable: inodeTables + g * tableBlocks,
         freeBlocks: free,
-        freeInodes: inodesPerGroup - usedHere,
+        freeInodes: inodesPerGroup - inodesUsedIn(g),
         usedDirs: usedDirs[g]!,
       },
       gdt,
