@@ -1,3 +1,4 @@
+import { writeSync } from "node:fs";
 import fs from "node:fs/promises";
 
 /** Whether something exists at `p` (following symlinks); false for any error reaching it. */
@@ -16,4 +17,10 @@ export async function fsyncPath(p: string): Promise<void> {
   } finally {
     await handle.close();
   }
+}
+
+/** Writes all of `buf` to `fd` at `position` (one write(2) may write less than asked). */
+export function writeAllSync(fd: number, buf: Uint8Array, position: number): void {
+  let off = 0;
+  while (off < buf.byteLength) off += writeSync(fd, buf, off, buf.byteLength - off, position + off);
 }

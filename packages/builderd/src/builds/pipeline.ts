@@ -218,7 +218,7 @@ export async function runPipeline(spec: BuildSpec, deps: PipelineDeps): Promise<
     const opts = {
       maxBytes: deps.limits.maxDiskBytes,
       usedBytes,
-      image: imageData && { ...imageData },
+      image: imageData,
       next,
     };
     if (typeof ready === "string")

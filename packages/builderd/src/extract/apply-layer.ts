@@ -28,7 +28,7 @@
 import fs from "node:fs";
 import path from "node:path";
 import type { Readable } from "node:stream";
-import { InvalidArgumentError, KilnError } from "@kiln/kit";
+import { InvalidArgumentError, KilnError, writeAllSync } from "@kiln/kit";
 import tar from "tar-stream";
 import { BLOCK_SIZE, blocksFor, DATA_START_BLOCK, encodePlaceholder } from "../rootfs/ext4/data-area.js";
 import { type EntryMetadata, entryMetadata } from "./entry-metadata.js";
@@ -203,14 +203,6 @@ function truncatedEntry(at: Position, cause?: unknown): InvalidLayerError {
   );
 }
 
-/** Writes all of `buf` at `position`, or at the file's offset when null (a write may be partial). */
-function writeAll(fd: number, buf: Buffer, position: number | null): void {
-  let off = 0;
-  while (off < buf.length) {
-    off += fs.writeSync(fd, buf, off, buf.length - off, position === null ? null : position + off);
-  }
-}
-
 interface LayerApplier {
   apply(entry: TarEntry): Promise<void>;
   finish(): void;
@@ -330,8 +322,9 @@ function createLayerApplier(root: string, rootStat: fs.Stats, opts: ApplyLayerOp
           const buf = chunk as Buffer;
           if (usedBefore + bytesWritten + buf.length > maxBytes)
             throw new LayerTooLargeError(opts.maxBytes, name);
-          if (image) writeAll(image.fd, buf, start + size - pos.remaining);
-          else writeAll(fd, buf, null);
+          const offset = size - pos.remaining;
+          if (image) writeAllSync(image.fd, buf, start + offset);
+          else writeAllSync(fd, buf, offset);
           bytesWritten += buf.length;
           pos.remaining -= buf.length;
           if (opts.onProgress && bytesWritten - lastProgress >= PROGRESS_EVERY_BYTES) {
@@ -343,7 +336,7 @@ function createLayerApplier(root: string, rootStat: fs.Stats, opts: ApplyLayerOp
         // a placeholder must name exactly the bytes written.
         if (pos.remaining !== 0) throw truncatedEntry(pos);
         if (image) {
-          writeAll(fd, encodePlaceholder(image.nonce, { block, length: size }), null);
+          writeAllSync(fd, encodePlaceholder(image.nonce, { block, length: size }), 0);
           nextBlock = block + blocksFor(size);
         }
       }

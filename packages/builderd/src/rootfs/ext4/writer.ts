@@ -16,7 +16,7 @@
  */
 import { randomBytes } from "node:crypto";
 import fs from "node:fs";
-import { FailedPreconditionError, InternalError } from "@kiln/kit";
+import { FailedPreconditionError, InternalError, writeAllSync } from "@kiln/kit";
 import {
   BLOCK_SIZE,
   blocksFor,
@@ -128,7 +128,7 @@ function write(fd: number, opts: WriteImageOptions, label: string): WrittenImage
   let cursor = opts.nextBlock;
   const append = (buf: Buffer): number => {
     const at = cursor;
-    writeAll(fd, buf, at * BLOCK_SIZE);
+    writeAllSync(fd, buf, at * BLOCK_SIZE);
     cursor += blocksFor(buf.length);
     return at;
   };
@@ -345,10 +345,10 @@ function write(fd: number, opts: WriteImageOptions, label: string): WrittenImage
       g * DESC_SIZE,
     );
   }
-  writeAll(fd, bitmap, blockBitmaps * BLOCK_SIZE);
-  writeAll(fd, inodeBitmap, inodeBitmaps * BLOCK_SIZE);
-  writeAll(fd, table, inodeTables * BLOCK_SIZE);
-  writeAll(fd, gdt, BLOCK_SIZE);
+  writeAllSync(fd, bitmap, blockBitmaps * BLOCK_SIZE);
+  writeAllSync(fd, inodeBitmap, inodeBitmaps * BLOCK_SIZE);
+  writeAllSync(fd, table, inodeTables * BLOCK_SIZE);
+  writeAllSync(fd, gdt, BLOCK_SIZE);
   const sb = encodeSuperblock({
     inodesCount: groups * inodesPerGroup,
     blocksCount: totalBlocks,
@@ -362,7 +362,7 @@ function write(fd: number, opts: WriteImageOptions, label: string): WrittenImage
     journal: journal && { iblock: journal, sizeBytes: journalBlocks * BLOCK_SIZE },
   });
   // Block 0: 1024 bytes of boot area (zero), then the superblock.
-  writeAll(fd, Buffer.concat([Buffer.alloc(1024), sb, Buffer.alloc(BLOCK_SIZE - 2048)]), 0);
+  writeAllSync(fd, Buffer.concat([Buffer.alloc(1024), sb, Buffer.alloc(BLOCK_SIZE - 2048)]), 0);
   fs.ftruncateSync(fd, totalBlocks * BLOCK_SIZE);
   return { sizeBytes: totalBlocks * BLOCK_SIZE, inodes: groups * inodesPerGroup, contentBytes };
 }
@@ -390,7 +390,7 @@ function writeInode(fd: number, node: Node, table: Buffer): void {
     const extents: Extent[] = extentsOf(node.data.block, blocks);
     const tree = encodeExtentTree(extents, node.leaves ?? []);
     tree.leaves.forEach((leaf, i) => {
-      writeAll(fd, leaf, node.leaves![i]! * BLOCK_SIZE);
+      writeAllSync(fd, leaf, node.leaves![i]! * BLOCK_SIZE);
     });
     iblock = tree.iblock;
     flags = EXTENTS_FL;
@@ -443,7 +443,7 @@ function writeJournal(fd: number, table: Buffer, start: number, blocks: number, 
     table,
     (JOURNAL_INO - 1) * INODE_SIZE,
   );
-  writeAll(fd, encodeJournalSuperblock(blocks, uuid), start * BLOCK_SIZE);
+  writeAllSync(fd, encodeJournalSuperblock(blocks, uuid), start * BLOCK_SIZE);
   return iblock;
 }
 
@@ -481,17 +481,12 @@ function copyInto(out: number, p: Buffer, block: number, size: number): void {
     while (done < size) {
       const n = fs.readSync(fd, buf, 0, Math.min(buf.length, size - done), done);
       if (n === 0) throw new InternalError(`${p} shrank while it was copied into the image`);
-      writeAll(out, buf.subarray(0, n), block * BLOCK_SIZE + done);
+      writeAllSync(out, buf.subarray(0, n), block * BLOCK_SIZE + done);
       done += n;
     }
   } finally {
     fs.closeSync(fd);
   }
-}
-
-function writeAll(fd: number, buf: Buffer, position: number): void {
-  let off = 0;
-  while (off < buf.length) off += fs.writeSync(fd, buf, off, buf.length - off, position + off);
 }
 
 /** Sets bits [from, to) of a bitmap (bit i is bit i%8 of byte i/8, as ext4's). */
