@@ -9,6 +9,7 @@ export * from "./db/database.js";
 export * from "./db/migrate.js";
 export * from "./errors.js";
 export * from "./exec/spawner.js";
+export * from "./file-chunks.js";
 export * from "./fs.js";
 export * from "./ids.js";
 export * from "./image-user.js";

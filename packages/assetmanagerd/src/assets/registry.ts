@@ -11,6 +11,7 @@ import {
   NotFoundError,
   newId,
   PermissionDeniedError,
+  readFileChunks,
   type TenantContext,
 } from "@kiln/kit";
 import {
@@ -30,7 +31,6 @@ import {
   SizeMismatchError,
   verifyExpected,
 } from "../store/blob-store.js";
-import { readFileChunks } from "../store/file-chunks.js";
 import { isErrno } from "../store/local.js";
 import { type CollectOptions, type Collector, createCollector, type GcCounters } from "./gc.js";
 import type { Asset, AssetPage, AssetQuery, AssetSpec, Labels, Lease } from "./model.js";

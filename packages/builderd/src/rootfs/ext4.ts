@@ -1,9 +1,8 @@
 import { createHash } from "node:crypto";
-import { createReadStream, existsSync } from "node:fs";
+import { existsSync } from "node:fs";
 import fs from "node:fs/promises";
 import path from "node:path";
-import { pipeline } from "node:stream/promises";
-import { FailedPreconditionError, fsyncPath, InternalError, sharedSpawner } from "@kiln/kit";
+import { FailedPreconditionError, fsyncPath, InternalError, readFileChunks, sharedSpawner } from "@kiln/kit";
 import { journalBytes } from "./ext4/format.js";
 
 export interface Ext4Options {
@@ -114,7 +113,10 @@ export async function sealImage(
 
 async function hashFile(file: string, signal?: AbortSignal): Promise<string> {
   const hash = createHash("sha256");
-  await pipeline(createReadStream(file, { highWaterMark: MiB }), hash, { signal });
+  for await (const chunk of readFileChunks(file, 4 * MiB)) {
+    signal?.throwIfAborted();
+    hash.update(chunk);
+  }
   return `sha256:${hash.digest("hex")}`;
 }
 
