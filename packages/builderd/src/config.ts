@@ -36,6 +36,12 @@ export const settings = {
     default: "kiln",
     doc: "What makes the ext4 image. kiln: layers' file content goes straight into the image while they are extracted and Kiln's writer adds the metadata (content is written once). mkfs: the tree is extracted in full and `mkfs.ext4 -d` copies it into the image (needs e2fsprogs).",
   }),
+  treeDir: str({
+    default: "auto",
+    pattern: /^(auto|build|\/.*)$/,
+    form: '"auto", "build" or an absolute directory',
+    doc: "Where extracted trees are assembled when Kiln's ext4 writer makes the image (the tree then holds no file content, only its shape: ~4 KiB per file on a tmpfs). auto: on the tmpfs at /dev/shm when there is one (file creates there are ~100x cheaper than on a disk), else in the build dir. build: in the build dir. A directory: under it. With ext4Writer=mkfs the tree holds the content and stays in the build dir.",
+  }),
   tiniPath: str({
     default: "/usr/bin/tini-static",
     doc: "Static tini injected as the VM init's PID 1 (Debian package tini).",

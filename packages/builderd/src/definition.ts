@@ -1,3 +1,4 @@
+import path from "node:path";
 import { BuilderService } from "@kiln/api";
 import { defineService, tierLimits } from "@kiln/kit";
 import type { Kysely } from "kysely";
@@ -7,6 +8,7 @@ import { createBuildManager } from "./builds/manager.js";
 import { layerCacheDir, trashDir } from "./builds/paths.js";
 import { type BuilderDb, createBuildStore } from "./builds/store.js";
 import { createTrash } from "./builds/trash.js";
+import { prepareTreeRoot, removeTreeRoot } from "./builds/tree-root.js";
 import { createLayerCache } from "./cache/layer-cache.js";
 import { settings } from "./config.js";
 import { createLayerApplier } from "./extract/layer-applier.js";
@@ -24,10 +26,16 @@ export const builderd = defineService({
   async create({ config, db, dataDir, log, metrics, peers }) {
     const store = createBuildStore(db.db as Kysely<BuilderDb>);
     const caches = new Map<string, ReturnType<typeof createLayerCache>>();
+    // Only Kiln's writer leaves trees without content, worth putting on a tmpfs.
+    const treeRoot =
+      config.ext4Writer === "kiln"
+        ? await prepareTreeRoot({ setting: config.treeDir, dataDir, log })
+        : undefined;
     const manager = createBuildManager({
       store,
       events: createBuildEvents(store, log),
       dataDir,
+      treeRoot,
       assets:
         config.registerAssets && peers.assetmanagerd ? createRootfsAssets(peers.assetmanagerd) : undefined,
       limits: tierLimits(),
@@ -37,7 +45,7 @@ export const builderd = defineService({
         return cache;
       },
       applier: createLayerApplier(),
-      trash: createTrash(trashDir(dataDir), log),
+      trash: createTrash([trashDir(dataDir), ...(treeRoot ? [path.join(treeRoot, ".trash")] : [])], log),
       settings: {
         maxConcurrentBuilds: config.maxConcurrentBuilds,
         layerConcurrency: config.layerDownloadConcurrency,
@@ -57,7 +65,10 @@ export const builderd = defineService({
       routes(router) {
         router.service(BuilderService, createBuilderService(manager));
       },
-      stop: () => manager.stop(),
+      async stop() {
+        await manager.stop();
+        if (treeRoot) await removeTreeRoot(treeRoot);
+      },
     };
   },
 });

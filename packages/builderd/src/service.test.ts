@@ -11,6 +11,7 @@ import { AssetManagerService, builderd as api, BuilderService } from "@kiln/api"
 import { assetmanagerd } from "@kiln/assetmanagerd";
 import { startTestService, type TestService, tempDir } from "@kiln/kit/testing";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { DEFAULT_TMPFS, isTmpfs, treeRootPath } from "./builds/tree-root.js";
 import { builderd } from "./definition.js";
 import { fsckImage, snapshotImage } from "./rootfs/ext4/testing/image-tree.js";
 import { type EntrySpec, writeOciLayout } from "./testing/oci-layout.js";
@@ -18,12 +19,19 @@ import { pushLayout, startTestRegistry } from "./testing/registry.js";
 
 const run = promisify(execFile);
 const S = api.BuildState;
+/** Where a builderd on its defaults assembles extracted trees (builds/tree-root.ts): the tmpfs, if any. */
+const haveTmpfs = await isTmpfs(DEFAULT_TMPFS);
+const treeOf = (dataDir: string, tenant: string, buildId: string) =>
+  haveTmpfs
+    ? path.join(treeRootPath(DEFAULT_TMPFS, dataDir), buildId)
+    : path.join(dataDir, "tenants", tenant, "builds", buildId, "rootfs");
 
 /**
- * A front for the registry whose layer downloads wait until `release()`: tests use it to hold
- * a build in PULLING (quotas, cancel, timeout, crash recovery) deterministically.
+ * A front for the registry whose blob downloads, but those of `pass` (an image's config), wait
+ * until `release()`: tests use it to hold a build in PULLING (quotas, cancel, timeout, crash
+ * recovery) deterministically, its tree made and waiting for the first layer.
  */
-async function gatedFront(upstream: string) {
+async function gatedFront(upstream: string, pass: string[]) {
   let open = false;
   let waiters: Array<() => void> = [];
   const server = http.createServer((req, res) => {
@@ -44,13 +52,15 @@ async function gatedFront(upstream: string) {
       up.on("error", () => res.destroy());
       req.pipe(up);
     };
-    if (/\/blobs\/sha256:/.test(req.url ?? "") && !open && req.method === "GET") waiters.push(forward);
+    const url = req.url ?? "";
+    const held = /\/blobs\/sha256:/.test(url) && !pass.some((d) => url.endsWith(`/blobs/${d}`));
+    if (held && !open && req.method === "GET") waiters.push(forward);
     else forward();
   });
   await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
   return {
     host: `127.0.0.1:${(server.address() as net.AddressInfo).port}`,
-    /** Layer blobs requested so far and still held. */
+    /** Blobs requested so far and still held. */
     held: () => waiters.length,
     release() {
       open = true;
@@ -62,6 +72,12 @@ async function gatedFront(upstream: string) {
       server.close();
     },
   };
+}
+
+/** The config blob's digest of the image whose manifest is `manifest` in the OCI layout at `dir`. */
+async function configDigest(dir: string, manifest: string): Promise<string> {
+  const blob = path.join(dir, "blobs", "sha256", manifest.slice("sha256:".length));
+  return JSON.parse(await fs.promises.readFile(blob, "utf8")).config.digest;
 }
 
 const busybox = fs.readFileSync("/bin/busybox");
@@ -130,7 +146,7 @@ describe("builderd", () => {
   beforeAll(async () => {
     registry = await startTestRegistry();
     const layout = path.join(work.path, "layout");
-    await writeOciLayout(layout, [
+    const tags = await writeOciLayout(layout, [
       { tag: "1", image: { layers: appLayers, config: appConfig } },
       {
         tag: "evil",
@@ -155,7 +171,7 @@ describe("builderd", () => {
     await pushLayout(layout, "1", registry.host, "app");
     await pushLayout(layout, "evil", registry.host, "evil");
     await pushLayout(layout, "corrupt", registry.host, "corrupt");
-    gate = await gatedFront(registry.host);
+    gate = await gatedFront(registry.host, [await configDigest(layout, tags["1"]!.digest)]);
     // builderd registers every rootfs with a real assetmanagerd, which imports it from
     // builderd's data dir (as under `kiln up`, where they share one).
     const builderData = path.join(work.path, "builderd-data");
@@ -210,12 +226,14 @@ describe("builderd", () => {
     expect(asset?.imageConfig?.command).toEqual(appConfig.Cmd);
     const buildDir = path.join(svc.dataDir, "tenants", "acme", "builds", build.buildId);
     expect(fs.existsSync(path.join(buildDir, "rootfs.ext4"))).toBe(false);
-    // The extracted tree left the build dir before the build completed, and its deletion,
-    // which went on in the background, ends.
-    expect(fs.existsSync(path.join(buildDir, "rootfs"))).toBe(false);
+    // The extracted tree left its place before the build completed, and its deletion, which
+    // went on in the background, ends.
+    expect(fs.existsSync(treeOf(svc.dataDir, "acme", build.buildId))).toBe(false);
     expect(fs.existsSync(path.join(buildDir, "temp"))).toBe(false);
+    const trashes = [path.join(svc.dataDir, "tenants", ".trash")];
+    if (haveTmpfs) trashes.push(path.join(treeRootPath(DEFAULT_TMPFS, svc.dataDir), ".trash"));
     await expect
-      .poll(() => fs.readdirSync(path.join(svc.dataDir, "tenants", ".trash")), { timeout: 10_000 })
+      .poll(() => trashes.flatMap((t) => (fs.existsSync(t) ? fs.readdirSync(t) : [])), { timeout: 10_000 })
       .toEqual([]);
     expect(build.imageMetadata).toMatchObject({
       command: appConfig.Cmd,
@@ -445,14 +463,16 @@ describe("builderd", () => {
 
     it("cancels a running build, removing its files", async () => {
       const { buildId } = await createBuild(image("app:1", gate.host), "cancel");
-      await expect
-        .poll(async () => (await client.getBuild({ buildId }, as("cancel"))).build?.state, {
-          timeout: 15_000,
-        })
-        .toBe(S.PULLING);
+      // The tree is made before the first layer arrives: on the tmpfs when there is one.
+      const tree = treeOf(svc.dataDir, "cancel", buildId);
+      await expect.poll(() => fs.existsSync(tree), { timeout: 15_000 }).toBe(true);
+      expect([S.PULLING, S.EXTRACTING]).toContain(
+        (await client.getBuild({ buildId }, as("cancel"))).build?.state,
+      );
       const r = await client.cancelBuild({ buildId }, as("cancel"));
       expect(r).toMatchObject({ success: true, state: S.CANCELLED });
       expect(fs.existsSync(path.join(svc.dataDir, "tenants", "cancel", "builds", buildId))).toBe(false);
+      expect(fs.existsSync(tree)).toBe(false);
       // Cancelling again says it had already ended.
       expect(await client.cancelBuild({ buildId }, as("cancel"))).toMatchObject({
         success: false,
@@ -485,9 +505,11 @@ describe("builderd crash recovery", () => {
     const dir = tempDir("kiln-builderd-crash-");
     const registry = await startTestRegistry();
     const layout = path.join(dir.path, "layout");
-    await writeOciLayout(layout, [{ tag: "1", image: { layers: appLayers, config: appConfig } }]);
+    const tags = await writeOciLayout(layout, [
+      { tag: "1", image: { layers: appLayers, config: appConfig } },
+    ]);
     await pushLayout(layout, "1", registry.host, "app");
-    const gate = await gatedFront(registry.host);
+    const gate = await gatedFront(registry.host, [await configDigest(layout, tags["1"]!.digest)]);
     const env = {
       ...process.env,
       UNKEY_BUILDERD_PORT: "0",
@@ -528,6 +550,8 @@ describe("builderd crash recovery", () => {
         { headers },
       );
       await expect.poll(() => gate.held(), { timeout: 20_000 }).toBeGreaterThan(0);
+      const tree = treeOf(dir.path, "acme", buildId);
+      await expect.poll(() => fs.existsSync(tree), { timeout: 15_000 }).toBe(true);
       child.kill("SIGKILL");
       await new Promise((r) => child.once("exit", r));
       // A finished build's tree the killed process was still deleting in the background.
@@ -546,12 +570,17 @@ describe("builderd crash recovery", () => {
           { headers: { ...headers, "x-kiln-service-token": svc.token } },
         );
         expect(build?.state).toBe(S.FAILED);
-        expect(build?.errorMessage).toMatch(/^interrupted: builderd stopped while the build was PULLING/);
+        expect(build?.errorMessage).toMatch(
+          /^interrupted: builderd stopped while the build was (PULLING|EXTRACTING); start it again$/,
+        );
         expect(fs.existsSync(path.join(dir.path, "tenants", "acme", "builds", buildId))).toBe(false);
         expect(fs.readdirSync(path.join(dir.path, "tenants", ".trash"))).toEqual([]);
+        expect(fs.existsSync(tree)).toBe(false);
       } finally {
         await svc.service.stop();
       }
+      // A graceful stop leaves nothing on the tmpfs.
+      if (haveTmpfs) expect(fs.existsSync(treeRootPath(DEFAULT_TMPFS, dir.path))).toBe(false);
     } finally {
       child.kill("SIGKILL");
       gate.release();

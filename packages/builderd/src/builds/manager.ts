@@ -18,7 +18,7 @@ import { checkRegistryAllowed, resolveLocalPath } from "../sources/policy.js";
 import { parseImageRef } from "../sources/reference.js";
 import type { RootfsAssets } from "./assets.js";
 import type { BuildEvent, BuildEvents, Progress } from "./events.js";
-import { buildPaths } from "./paths.js";
+import { buildPaths, removeBuildFiles } from "./paths.js";
 import { type BuildOutput, type BuildSpec, runPipeline } from "./pipeline.js";
 import { ACTIVE, type BuildState, isTerminal, predecessors } from "./states.js";
 import type { BuildRow, BuildStore } from "./store.js";
@@ -42,6 +42,8 @@ export interface BuildManagerDeps {
   assets?: RootfsAssets;
   events: BuildEvents;
   dataDir: string;
+  /** Where extracted trees are assembled, if not in their build dirs (builds/tree-root.ts). */
+  treeRoot?: string;
   limits: LimitsResolver;
   cacheFor(tenantId: string): LayerCache;
   applier: LayerApplier;
@@ -109,6 +111,9 @@ export function createBuildManager(deps: BuildManagerDeps) {
   const queue: Queued[] = [];
   let stopping = false;
 
+  const pathsOf = (tenantId: string, buildId: string) =>
+    buildPaths(deps.dataDir, tenantId, buildId, deps.treeRoot);
+
   /** Serialises admission per tenant, so two concurrent CreateBuilds cannot both pass a quota. */
   const withTenantLock = createKeyedLock();
 
@@ -162,7 +167,7 @@ export function createBuildManager(deps: BuildManagerDeps) {
   ) {
     const started = Date.now();
     const limits = await deps.limits(tenant);
-    const paths = buildPaths(deps.dataDir, tenant.tenantId, buildId);
+    const paths = pathsOf(tenant.tenantId, buildId);
     const timeoutSeconds = effectiveTimeout(input.timeoutSeconds, limits.timeoutSeconds);
     const timer =
       timeoutSeconds > 0
@@ -291,7 +296,7 @@ export function createBuildManager(deps: BuildManagerDeps) {
       const reason = abort.signal.aborted ? abort.signal.reason : undefined;
       if (reason instanceof StopReason && reason.kind === "cancel") {
         await setState(buildId, "cleaning", { current_step: "removing temporary files" });
-        await fs.rm(paths.root, { recursive: true, force: true });
+        await removeBuildFiles(paths);
         events.log(buildId, "info", "build", "cancelled");
         await setState(buildId, "cancelled", {
           completed_at: Date.now(),
@@ -306,7 +311,7 @@ export function createBuildManager(deps: BuildManagerDeps) {
         blog.error({ err }, "build failed unexpectedly");
       else blog.info({ error: message }, "build failed");
       events.log(buildId, "error", "build", `failed: ${message}`);
-      await fs.rm(paths.root, { recursive: true, force: true }).catch(() => {});
+      await removeBuildFiles(paths).catch(() => {});
       await setState(buildId, "failed", { completed_at: Date.now(), error_message: message });
       finished("failed", started);
     } finally {
@@ -350,7 +355,7 @@ export function createBuildManager(deps: BuildManagerDeps) {
       };
     }
     try {
-      await fs.mkdir(buildPaths(deps.dataDir, tenant.tenantId, buildId).root, { recursive: true });
+      await fs.mkdir(pathsOf(tenant.tenantId, buildId).root, { recursive: true });
       await fs.link(prior.rootfs_path, artifact);
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code === "ENOENT") return undefined; // its artifact is gone: build again
@@ -489,7 +494,7 @@ export function createBuildManager(deps: BuildManagerDeps) {
         await this.cancelBuild(tenant, buildId);
         row = await getOwned(tenant, buildId);
       }
-      await fs.rm(buildPaths(deps.dataDir, tenant.tenantId, buildId).root, { recursive: true, force: true });
+      await removeBuildFiles(pathsOf(tenant.tenantId, buildId));
       await store.delete(buildId);
       return { state: row.state };
     },
@@ -533,9 +538,7 @@ export function createBuildManager(deps: BuildManagerDeps) {
       const left = await store.unfinished(ACTIVE);
       for (const row of left) {
         const message = `interrupted: builderd stopped while the build was ${row.state.toUpperCase()}; start it again`;
-        await fs
-          .rm(buildPaths(deps.dataDir, row.tenant_id, row.build_id).root, { recursive: true, force: true })
-          .catch(() => {});
+        await removeBuildFiles(pathsOf(row.tenant_id, row.build_id)).catch(() => {});
         await store.update(row.build_id, {
           state: "failed",
           error_message: message,

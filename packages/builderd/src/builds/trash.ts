@@ -11,6 +11,9 @@ import type { Logger } from "@kiln/kit";
  * neither with mkfs nor with the image's registration (whose reads would queue behind it in
  * libuv's threadpool). A crash leaves at most entries in the trash, which `sweep` deletes at
  * start-up; `drain` waits for the deletions under way (graceful stop, tests).
+ *
+ * There is one trash directory per filesystem the trees live on (the data dir's, and a tmpfs
+ * for trees: builds/tree-root.ts): a directory goes into the first one it can be renamed into.
  */
 export interface Trash {
   /** Moves `dir` into the trash; a missing `dir` is fine. */
@@ -23,10 +26,10 @@ export interface Trash {
   sweep(): Promise<void>;
 }
 
-export function createTrash(dir: string, log: Logger): Trash {
+export function createTrash(dirs: string[], log: Logger): Trash {
   const pending = new Set<Promise<void>>();
   let discarded: string[] = [];
-  let made: Promise<unknown> | undefined;
+  const made = new Map<string, Promise<unknown>>();
 
   const drain = async () => {
     while (pending.size > 0) await Promise.all([...pending]);
@@ -43,24 +46,28 @@ export function createTrash(dir: string, log: Logger): Trash {
 
   return {
     async discard(target) {
-      made ??= fsp.mkdir(dir, { recursive: true, mode: 0o700 });
-      try {
-        await made;
-      } catch (err) {
-        made = undefined;
-        throw err;
+      for (const dir of dirs) {
+        const ready = made.get(dir) ?? fsp.mkdir(dir, { recursive: true, mode: 0o700 });
+        made.set(dir, ready);
+        try {
+          await ready;
+        } catch (err) {
+          made.delete(dir);
+          throw err;
+        }
+        const dest = path.join(dir, `${path.basename(target)}-${randomBytes(6).toString("hex")}`);
+        try {
+          await fsp.rename(target, dest);
+          discarded.push(dest);
+          return;
+        } catch (err) {
+          const code = (err as NodeJS.ErrnoException).code;
+          if (code === "ENOENT") return;
+          if (code !== "EXDEV") throw err;
+        }
       }
-      const dest = path.join(dir, `${path.basename(target)}-${randomBytes(6).toString("hex")}`);
-      try {
-        await fsp.rename(target, dest);
-      } catch (err) {
-        const code = (err as NodeJS.ErrnoException).code;
-        if (code === "ENOENT") return;
-        // On another filesystem than the trash: delete it where it is, waiting for it.
-        if (code === "EXDEV") return fsp.rm(target, { recursive: true, force: true });
-        throw err;
-      }
-      discarded.push(dest);
+      // On no trash's filesystem: delete it where it is, waiting for it.
+      await fsp.rm(target, { recursive: true, force: true });
     },
 
     purge() {
@@ -72,14 +79,16 @@ export function createTrash(dir: string, log: Logger): Trash {
     drain,
 
     async sweep() {
-      let names: string[];
-      try {
-        names = await fsp.readdir(dir);
-      } catch (err) {
-        if ((err as NodeJS.ErrnoException).code === "ENOENT") return;
-        throw err;
+      for (const dir of dirs) {
+        let names: string[];
+        try {
+          names = await fsp.readdir(dir);
+        } catch (err) {
+          if ((err as NodeJS.ErrnoException).code === "ENOENT") continue;
+          throw err;
+        }
+        for (const name of names) remove(path.join(dir, name));
       }
-      for (const name of names) remove(path.join(dir, name));
       await drain();
     },
   };
