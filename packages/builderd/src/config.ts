@@ -40,7 +40,7 @@ export const settings = {
     default: "auto",
     pattern: /^(auto|build|\/.*)$/,
     form: '"auto", "build" or an absolute directory',
-    doc: "Where extracted trees are assembled when Kiln's ext4 writer makes the image (the tree then holds no file content, only its shape: ~4 KiB per file on a tmpfs). auto: on the tmpfs at /dev/shm when there is one (file creates there are ~100x cheaper than on a disk), else in the build dir. build: in the build dir. A directory: under it. With ext4Writer=mkfs the tree holds the content and stays in the build dir.",
+    doc: "Where extracted trees are assembled when Kiln's ext4 writer makes the image (the tree then holds no file content, only its shape: ~4 KiB per file on a tmpfs). auto: on the tmpfs at /dev/shm when there is one with 512 MiB free (file creates there are ~100x cheaper than on a disk), else in the build dir; a build starting with less free uses its build dir. build: in the build dir. A directory: under it. With ext4Writer=mkfs the tree holds the content and stays in the build dir.",
   }),
   tiniPath: str({
     default: "/usr/bin/tini-static",

@@ -24,6 +24,7 @@ import { ACTIVE, type BuildState, isTerminal, predecessors } from "./states.js";
 import type { BuildRow, BuildStore } from "./store.js";
 import { createThrottle } from "./throttle.js";
 import type { Trash } from "./trash.js";
+import { roomFor } from "./tree-root.js";
 
 export interface BuildSettings {
   /** Builds running at once on this builderd (all tenants); more wait as PENDING. */
@@ -167,7 +168,15 @@ export function createBuildManager(deps: BuildManagerDeps) {
   ) {
     const started = Date.now();
     const limits = await deps.limits(tenant);
-    const paths = pathsOf(tenant.tenantId, buildId);
+    // A tree root short of room (a small tmpfs, other builds' trees): this tree goes in the build
+    // dir. Cleanup still finds it there, as pathsOf's `root`.
+    const treeRoot = deps.treeRoot && (await roomFor(deps.treeRoot)) ? deps.treeRoot : undefined;
+    if (deps.treeRoot && !treeRoot)
+      log.warn(
+        { build_id: buildId, path: deps.treeRoot },
+        "tree root short of room: extracting in the build dir",
+      );
+    const paths = buildPaths(deps.dataDir, tenant.tenantId, buildId, treeRoot);
     const timeoutSeconds = effectiveTimeout(input.timeoutSeconds, limits.timeoutSeconds);
     const timer =
       timeoutSeconds > 0

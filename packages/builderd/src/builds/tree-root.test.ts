@@ -3,7 +3,14 @@ import path from "node:path";
 import { createLogger } from "@kiln/kit";
 import { tempDir } from "@kiln/kit/testing";
 import { afterEach, describe, expect, it } from "vitest";
-import { DEFAULT_TMPFS, isTmpfs, prepareTreeRoot, removeTreeRoot, treeRootPath } from "./tree-root.js";
+import {
+  DEFAULT_TMPFS,
+  isTmpfs,
+  prepareTreeRoot,
+  removeTreeRoot,
+  roomFor,
+  treeRootPath,
+} from "./tree-root.js";
 
 const log = createLogger({ service: "builderd", level: "silent" });
 const haveTmpfs = await isTmpfs(DEFAULT_TMPFS);
@@ -58,6 +65,20 @@ describe("prepareTreeRoot", () => {
       expect(fs.existsSync(root)).toBe(false);
     },
   );
+
+  it.skipIf(!haveTmpfs)("auto: a tmpfs without MIN_FREE_BYTES free is not taken", async () => {
+    const d = dataDir();
+    const huge = 2 ** 60;
+    expect(await prepareTreeRoot({ setting: "auto", dataDir: d, log, minFreeBytes: huge })).toBeUndefined();
+    expect(fs.existsSync(treeRootPath(DEFAULT_TMPFS, d))).toBe(false);
+  });
+
+  it("tells whether a directory has room for another tree", async () => {
+    const d = fresh();
+    expect(await roomFor(d, 1)).toBe(true);
+    expect(await roomFor(d, 2 ** 60)).toBe(false);
+    expect(await roomFor(path.join(d, "gone"), 1)).toBe(false);
+  });
 
   it("auto: no tmpfs there, so trees stay in the build dirs", async () => {
     const notTmpfs = fresh();

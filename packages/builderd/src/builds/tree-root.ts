@@ -13,6 +13,10 @@ import type { Logger } from "@kiln/kit";
  * the tree cost more than writing the content. So by default the tree goes on a tmpfs, at
  * `/dev/shm`, when there is one; it costs about 4 KiB of memory per file while the build runs.
  *
+ * A tmpfs is small in places (a container's /dev/shm is 64 MiB by default): "auto" takes it only
+ * with MIN_FREE_BYTES free, and each build checks again (`roomFor`), extracting in its build dir
+ * when there is less.
+ *
  * The directory is `<base>/kiln-builderd-<id>`, `<id>` derived from the data dir, so builderds
  * with different data dirs never share one. `/dev/shm` is writable by every local user, so a
  * directory found there is used only if it is a real directory owned by this process's user;
@@ -25,6 +29,8 @@ export type TreeDirSetting = "auto" | "build" | (string & {});
 export const DEFAULT_TMPFS = "/dev/shm";
 /** statfs(2) f_type of a tmpfs. */
 const TMPFS_MAGIC = 0x01021994;
+/** Free space a tree root needs to take a build's tree: a 30,000-file tree takes ~120 MB. */
+export const MIN_FREE_BYTES = 512 * 1024 * 1024;
 
 export interface TreeRootOptions {
   /** "auto": a tmpfs at `tmpfs` if there is one, else in the build dir; "build"; or an absolute directory. */
@@ -33,6 +39,8 @@ export interface TreeRootOptions {
   log: Logger;
   /** For tests: the tmpfs "auto" tries. */
   tmpfs?: string;
+  /** For tests: instead of MIN_FREE_BYTES. */
+  minFreeBytes?: number;
 }
 
 /**
@@ -50,6 +58,13 @@ export async function prepareTreeRoot(opts: TreeRootOptions): Promise<string | u
   try {
     if (setting === "auto" && !(await isTmpfs(base))) {
       log.info({ path: base }, "no tmpfs for extracted trees; they are assembled in the build dirs");
+      return undefined;
+    }
+    if (setting === "auto" && !(await roomFor(base, opts.minFreeBytes))) {
+      log.info(
+        { path: base, free_bytes: await freeBytes(base) },
+        "the tmpfs has too little room for extracted trees; they are assembled in the build dirs",
+      );
       return undefined;
     }
     const root = treeRootPath(base, opts.dataDir);
@@ -71,6 +86,16 @@ export async function prepareTreeRoot(opts: TreeRootOptions): Promise<string | u
 export function treeRootPath(base: string, dataDir: string): string {
   const id = createHash("sha256").update(path.resolve(dataDir)).digest("hex").slice(0, 16);
   return path.join(base, `kiln-builderd-${id}`);
+}
+
+/** Whether `dir`'s filesystem has room for another build's tree. */
+export async function roomFor(dir: string, minFreeBytes = MIN_FREE_BYTES): Promise<boolean> {
+  return (await freeBytes(dir).catch(() => 0)) >= minFreeBytes;
+}
+
+async function freeBytes(dir: string): Promise<number> {
+  const s = await fsp.statfs(dir);
+  return s.bavail * s.bsize;
 }
 
 export async function isTmpfs(dir: string): Promise<boolean> {

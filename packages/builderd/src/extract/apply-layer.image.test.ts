@@ -205,4 +205,20 @@ describe("applyLayer with imageData", () => {
     expect(err.message).toMatch(/nextBlock 64 is not in the image's data area/);
     expect(fs.readdirSync(placed)).toEqual([]);
   });
+
+  it("says where it was writing when a filesystem is full (write errors name no file)", async () => {
+    // /dev/full answers every write with ENOSPC, as a full filesystem would.
+    const full = fs.openSync("/dev/full", fs.constants.O_WRONLY);
+    try {
+      const err = await applyLayer(placed, await layerStream([file("f", 10)]), {
+        maxBytes: 0,
+        imageData: { fd: full, nonce, nextBlock: START },
+      }).catch((e) => e);
+      expect(err.message).toBe(
+        `extracting layer entry "f" failed: ENOSPC: no space left on device, write (no space: the tree is written in ${placed}, file content into the build's image file)`,
+      );
+    } finally {
+      fs.closeSync(full);
+    }
+  });
 });

@@ -142,7 +142,11 @@ export async function applyLayer(
     return applier.result();
   } catch (err) {
     if (signal?.aborted) throw signal.reason;
-    throw explain(err, sourceError, applier.position());
+    // Write errors name no file: a full filesystem is the operator's to find.
+    const where = opts.imageData
+      ? `no space: the tree is written in ${root}, file content into the build's image file`
+      : `no space: the tree is written in ${root}`;
+    throw explain(err, sourceError, applier.position(), where);
   } finally {
     signal?.removeEventListener("abort", onAbort);
     if (!done) {
@@ -154,7 +158,7 @@ export async function applyLayer(
 }
 
 /** Turns parser and filesystem errors into errors that name the entry and what to do. */
-function explain(err: unknown, sourceError: unknown, at: Position): unknown {
+function explain(err: unknown, sourceError: unknown, at: Position, noSpaceHint: string): unknown {
   if (err instanceof KilnError || err === sourceError) return err;
   const e = err as NodeJS.ErrnoException;
   if (typeof e?.code === "string" && e.code.startsWith("Z_")) {
@@ -167,7 +171,8 @@ function explain(err: unknown, sourceError: unknown, at: Position): unknown {
     );
   }
   if (typeof e?.code === "string" && /^E[A-Z]+$/.test(e.code)) {
-    return new LayerEntryFailedError(at.entry ?? "(before the first entry)", err);
+    const hint = e.code === "ENOSPC" || e.code === "EDQUOT" ? noSpaceHint : undefined;
+    return new LayerEntryFailedError(at.entry ?? "(before the first entry)", err, hint);
   }
   const msg = e instanceof Error ? e.message : String(err);
   if (/Unexpected end of data/.test(msg)) {

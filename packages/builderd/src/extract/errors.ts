@@ -65,9 +65,11 @@ export class LayerEntryFailedError extends InternalError {
   constructor(
     readonly entry: string,
     cause: unknown,
+    /** Where to look, when the error does not say (write errors name no file). */
+    hint?: string,
   ) {
     super(
-      `extracting layer entry ${JSON.stringify(entry)} failed: ${cause instanceof Error ? cause.message : String(cause)}`,
+      `extracting layer entry ${JSON.stringify(entry)} failed: ${cause instanceof Error ? cause.message : String(cause)}${hint ? ` (${hint})` : ""}`,
       { cause },
     );
   }
