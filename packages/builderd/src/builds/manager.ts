@@ -173,7 +173,7 @@ export function createBuildManager(deps: BuildManagerDeps) {
     const treeRoot = deps.treeRoot && (await roomFor(deps.treeRoot)) ? deps.treeRoot : undefined;
     if (deps.treeRoot && !treeRoot)
       log.warn(
-        { build_id: buildId, path: deps.treeRoot },
+        { build_id: buildId, tenant_id: tenant.tenantId, path: deps.treeRoot },
         "tree root short of room: extracting in the build dir",
       );
     const paths = buildPaths(deps.dataDir, tenant.tenantId, buildId, treeRoot);

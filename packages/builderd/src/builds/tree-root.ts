@@ -23,7 +23,6 @@ import type { Logger } from "@kiln/kit";
  * it is made private (0700). Anything in it is left from an earlier process (a builderd owns its
  * data dir alone) and is deleted at start-up.
  */
-export type TreeDirSetting = "auto" | "build" | (string & {});
 
 /** The tmpfs tried by "auto". */
 export const DEFAULT_TMPFS = "/dev/shm";
@@ -34,7 +33,7 @@ export const MIN_FREE_BYTES = 512 * 1024 * 1024;
 
 export interface TreeRootOptions {
   /** "auto": a tmpfs at `tmpfs` if there is one, else in the build dir; "build"; or an absolute directory. */
-  setting: TreeDirSetting;
+  setting: string;
   dataDir: string;
   log: Logger;
   /** For tests: the tmpfs "auto" tries. */
