@@ -1,7 +1,13 @@
 import { createHash } from "node:crypto";
 import fsp from "node:fs/promises";
 import path from "node:path";
-import { type Logger, ResourceExhaustedError, resolveInRoot, type TenantLimits } from "@kiln/kit";
+import {
+  backgroundFlusher,
+  type Logger,
+  ResourceExhaustedError,
+  resolveInRoot,
+  type TenantLimits,
+} from "@kiln/kit";
 import type { GrowingFile, LayerCache } from "../cache/layer-cache.js";
 import type { LayerApplier } from "../extract/layer-applier.js";
 import { DATA_START_BLOCK, newNonce, restoreContent } from "../rootfs/ext4/data-area.js";
@@ -244,10 +250,17 @@ export async function runPipeline(spec: BuildSpec, deps: PipelineDeps): Promise<
     }
   };
 
+  let flusher: ReturnType<typeof backgroundFlusher> | undefined;
   try {
     const tExtract = performance.now();
     await fsp.mkdir(paths.rootfs, { recursive: true, mode: 0o755 });
-    if (imageData) await fsp.writeFile(imageData.file, "", { mode: 0o644 });
+    if (imageData) {
+      await fsp.writeFile(imageData.file, "", { mode: 0o644 });
+      // Each layer's content is flushed to disk while the next ones are extracted, so the image's
+      // fsync at registration has little left: on a slow or throttled disk that fsync, more than
+      // the hash, was the build's tail.
+      flusher = backgroundFlusher(imageData.file);
+    }
     let usedBytes = 0;
     for (let i = 0; i < image.layers.length; i++) {
       // Whichever comes first: the verified file, or the file still downloading.
@@ -257,6 +270,7 @@ export async function runPipeline(spec: BuildSpec, deps: PipelineDeps): Promise<
       const result = await applyLayer(i, ready, usedBytes);
       usedBytes += result.bytesWritten;
       if (imageData) imageData.nextBlock = result.nextBlock ?? imageData.nextBlock;
+      flusher?.kick();
       for (const s of result.skipped) report.log("warn", "extract", `skipped ${s.path}: ${s.reason}`);
       report.progress({ layersDone: i + 1 });
       report.log("info", "extract", `layer ${i + 1}/${image.layers.length} applied`, {
@@ -328,7 +342,10 @@ export async function runPipeline(spec: BuildSpec, deps: PipelineDeps): Promise<
             },
             signal,
           )
-          .then(async (w) => ({ sizeBytes: w.sizeBytes, sha256: await sealImage(imageData.file, seal) }))
+          .then(async (w) => {
+            await flusher?.close();
+            return { sizeBytes: w.sizeBytes, sha256: await sealImage(imageData.file, seal) };
+          })
       : await buildExt4(paths.rootfs, paths.artifact, seal);
     if (spec.optimization.maxSizeBytes > 0 && ext4.sizeBytes > spec.optimization.maxSizeBytes) {
       throw new RootfsTooLargeError(ext4.sizeBytes, spec.optimization.maxSizeBytes);
@@ -368,6 +385,7 @@ export async function runPipeline(spec: BuildSpec, deps: PipelineDeps): Promise<
       },
     };
   } finally {
+    await flusher?.close();
     signal.removeEventListener("abort", abortDownloads);
     downloadAbort.abort();
     for (const g of growing) g.settled?.close();
