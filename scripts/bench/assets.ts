@@ -26,20 +26,10 @@ import { startService } from "@kiln/kit";
 import { captureLogs } from "@kiln/kit/testing";
 import { assetClient, asTenant, uploadStream } from "../../packages/assetmanagerd/src/testing/client.js";
 import { spawnAssetmanagerd } from "../../packages/assetmanagerd/src/testing/process.js";
+import { option, timed } from "./util.js";
 
 const exec = promisify(execFile);
 const MiB = 1024 * 1024;
-
-function option(args: string[], name: string, fallback: number): number {
-  const i = args.indexOf(name);
-  return i >= 0 && args[i + 1] ? Number(args[i + 1]) : fallback;
-}
-
-async function timed<T>(fn: () => Promise<T>): Promise<[number, T]> {
-  const t = performance.now();
-  const r = await fn();
-  return [performance.now() - t, r];
-}
 
 function writeRandomFile(file: string, bytes: number): void {
   const fd = fs.openSync(file, "w");

@@ -21,11 +21,7 @@ import { createSampler } from "../../packages/metald/src/metering/sampler.js";
 import type { VmNetwork } from "../../packages/metald/src/network/attach.js";
 import { countResources, listKilnResources } from "../../packages/metald/src/network/leaks.js";
 import { createTestNetwork, type TestNetwork } from "../../packages/metald/src/network/testing.js";
-
-function option(args: string[], name: string, fallback: number): number {
-  const i = args.indexOf(name);
-  return i >= 0 && args[i + 1] ? Number(args[i + 1]) : fallback;
-}
+import { option } from "./util.js";
 
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
