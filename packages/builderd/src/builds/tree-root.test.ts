@@ -61,6 +61,8 @@ describe("prepareTreeRoot", () => {
       expect(await prepareTreeRoot({ setting: "auto", dataDir: d, log })).toBe(root);
       expect(fs.readdirSync(root)).toEqual([]);
       expect(fs.statSync(root).mode & 0o777).toBe(0o700);
+      // A graceful stop removes it, with anything a deletion left behind.
+      fs.mkdirSync(path.join(root, ".trash", "bld_done-0123456789ab"), { recursive: true });
       await removeTreeRoot(root);
       expect(fs.existsSync(root)).toBe(false);
     },

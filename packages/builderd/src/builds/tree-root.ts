@@ -119,8 +119,10 @@ async function ownPrivateDir(dir: string): Promise<void> {
   if ((st.mode & 0o777) !== 0o700) await fsp.chmod(dir, 0o700);
 }
 
-/** Deletes the tree root if nothing is left in it (graceful stop: leave no litter on the tmpfs). */
+/**
+ * Deletes the tree root and whatever is still in it (graceful stop, once no build runs: leave no
+ * litter on the tmpfs). Everything there is this builderd's (checked at start-up).
+ */
 export async function removeTreeRoot(root: string): Promise<void> {
-  await fsp.rmdir(path.join(root, ".trash")).catch(() => {});
-  await fsp.rmdir(root).catch(() => {});
+  await fsp.rm(root, { recursive: true, force: true }).catch(() => {});
 }
