@@ -216,7 +216,7 @@ export async function runBench(args: string[] = []): Promise<void> {
       const coldRatio = median(ratios(coldMs));
       const peerMedian = median(peerMs);
       const rows = [
-        [`peer: skopeo copy + umoci raw unpack + mkfs.ext4`, peerMedian, "1", "1.000"],
+        ["peer: skopeo copy + umoci raw unpack + mkfs.ext4", peerMedian, "", "1.000"],
         ["kiln cold build", median(coldMs), range(ratios(coldMs)), coldRatio.toFixed(3)],
         ["kiln warm build (same image again, median of 5)", warmMs, "", (warmMs / peerMedian).toFixed(3)],
         [
