@@ -1,6 +1,6 @@
-import { pipeline, type Readable, Transform, type TransformOptions } from "node:stream";
-import zlib from "node:zlib";
+import { pipeline, type Readable, Transform } from "node:stream";
 import { InvalidLayerError, UnsupportedLayerError } from "./errors.js";
+import { gunzipLayer } from "./gunzip.js";
 
 export type LayerCompression = "gzip" | "zstd" | "none";
 
@@ -24,12 +24,7 @@ export function decompressLayer(stream: Readable, compression: LayerCompression)
     case "none":
       return stream;
     case "gzip": {
-      // zlib streams pass stream options on to their Transform (@types/node does not say so).
-      const options: zlib.ZlibOptions & TransformOptions = {
-        chunkSize: CHUNK_SIZE,
-        readableHighWaterMark: READ_AHEAD_BYTES,
-      };
-      const gunzip = zlib.createGunzip(options);
+      const gunzip = gunzipLayer(stream, { chunkSize: CHUNK_SIZE, readableHighWaterMark: READ_AHEAD_BYTES });
       const out = new Transform({
         readableHighWaterMark: READ_AHEAD_BYTES,
         writableHighWaterMark: READ_AHEAD_BYTES,
@@ -51,7 +46,7 @@ export function decompressLayer(stream: Readable, compression: LayerCompression)
           );
         }
       });
-      return pipeline(stream, gunzip, out, () => {});
+      return pipeline(gunzip, out, () => {});
     }
     case "zstd":
       stream.destroy();
