@@ -45,7 +45,8 @@ export const builderd = defineService({
         return cache;
       },
       applier: createLayerApplier(),
-      trash: createTrash([trashDir(dataDir), ...(treeRoot ? [path.join(treeRoot, ".trash")] : [])], log),
+      // The tree's trash first: trees are what is discarded most (a rename tried elsewhere fails).
+      trash: createTrash([...(treeRoot ? [path.join(treeRoot, ".trash")] : []), trashDir(dataDir)], log),
       settings: {
         maxConcurrentBuilds: config.maxConcurrentBuilds,
         layerConcurrency: config.layerDownloadConcurrency,

@@ -55,16 +55,19 @@ export async function prepareTreeRoot(opts: TreeRootOptions): Promise<string | u
     throw new Error(`UNKEY_BUILDERD_TREE_DIR must be "auto", "build" or an absolute directory, not ${base}`);
   }
   try {
-    if (setting === "auto" && !(await isTmpfs(base))) {
-      log.info({ path: base }, "no tmpfs for extracted trees; they are assembled in the build dirs");
-      return undefined;
-    }
-    if (setting === "auto" && !(await roomFor(base, opts.minFreeBytes))) {
-      log.info(
-        { path: base, free_bytes: await freeBytes(base) },
-        "the tmpfs has too little room for extracted trees; they are assembled in the build dirs",
-      );
-      return undefined;
+    if (setting === "auto") {
+      if (!(await isTmpfs(base))) {
+        log.info({ path: base }, "no tmpfs for extracted trees; they are assembled in the build dirs");
+        return undefined;
+      }
+      const free = await freeBytes(base);
+      if (free < (opts.minFreeBytes ?? MIN_FREE_BYTES)) {
+        log.info(
+          { path: base, free_bytes: free },
+          "the tmpfs has too little room for extracted trees; they are assembled in the build dirs",
+        );
+        return undefined;
+      }
     }
     const root = treeRootPath(base, opts.dataDir);
     await ownPrivateDir(root);
