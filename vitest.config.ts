@@ -8,6 +8,7 @@ const packages = fileURLToPath(new URL("./packages/", import.meta.url));
 const resolve = {
   alias: [
     { find: /^@kiln\/kit\/testing$/, replacement: `${packages}kit/src/testing/index.ts` },
+    { find: /^@kiln\/kit\/(errors|fs)$/, replacement: `${packages}kit/src/$1.ts` },
     { find: /^@kiln\/([a-z]+)$/, replacement: `${packages}$1/src/index.ts` },
   ],
 };

@@ -28,7 +28,8 @@
 import fs from "node:fs";
 import path from "node:path";
 import type { Readable } from "node:stream";
-import { InvalidArgumentError, KilnError, writeAllSync } from "@kiln/kit";
+import { InvalidArgumentError, KilnError } from "@kiln/kit/errors";
+import { writeAllSync } from "@kiln/kit/fs";
 import tar from "tar-stream";
 import { BLOCK_SIZE, blocksFor, DATA_START_BLOCK, encodePlaceholder } from "../rootfs/ext4/data-area.js";
 import { type EntryMetadata, entryMetadata } from "./entry-metadata.js";

@@ -7,7 +7,7 @@
 import fs from "node:fs";
 import { Readable } from "node:stream";
 import { parentPort } from "node:worker_threads";
-import { KilnError } from "@kiln/kit";
+import { KilnError } from "@kiln/kit/errors";
 import { type WriteImageOptions, writeExt4Image } from "../rootfs/ext4/writer.js";
 import { type ApplyLayerResult, applyLayer } from "./apply-layer.js";
 import { decompressLayer } from "./decompress.js";

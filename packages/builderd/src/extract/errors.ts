@@ -1,4 +1,9 @@
-import { InternalError, InvalidArgumentError, ResourceExhaustedError, UnimplementedError } from "@kiln/kit";
+import {
+  InternalError,
+  InvalidArgumentError,
+  ResourceExhaustedError,
+  UnimplementedError,
+} from "@kiln/kit/errors";
 
 /**
  * A layer entry that would create, write or remove something outside the rootfs (or replace the

@@ -16,7 +16,8 @@
  */
 import { randomBytes } from "node:crypto";
 import fs from "node:fs";
-import { FailedPreconditionError, InternalError, writeAllSync } from "@kiln/kit";
+import { FailedPreconditionError, InternalError } from "@kiln/kit/errors";
+import { writeAllSync } from "@kiln/kit/fs";
 import {
   BLOCK_SIZE,
   blocksFor,
