@@ -1,4 +1,4 @@
-import { Worker } from "node:worker_threads";
+import type { Worker } from "node:worker_threads";
 import { Code } from "@connectrpc/connect";
 import {
   FailedPreconditionError,
@@ -12,6 +12,7 @@ import type { GrowingFile } from "../cache/layer-cache.js";
 import type { WriteImageOptions, WrittenImage } from "../rootfs/ext4/writer.js";
 import type { ApplyLayerResult } from "./apply-layer.js";
 import type { ApplyJob, WriteImageJob, WrittenUpdate } from "./apply-worker.js";
+import { startExtractionWorker } from "./worker-heap.js";
 
 /**
  * Applies layer files in worker threads, so extraction and downloads use both cores; and writes
@@ -63,7 +64,10 @@ export function createLayerApplier(): LayerApplier {
     const code = fromSource
       ? `import("tsx/esm/api").then((m) => { m.register(); return import(${JSON.stringify(workerUrl.href)}); })`
       : `import(${JSON.stringify(workerUrl.href)})`;
-    const w = new Worker(code, { eval: true, execArgv: fromSource ? ["--conditions=kiln-source"] : [] });
+    const w = startExtractionWorker(code, {
+      eval: true,
+      execArgv: fromSource ? ["--conditions=kiln-source"] : [],
+    });
     w.unref();
     all.add(w);
     w.once("exit", () => all.delete(w));
