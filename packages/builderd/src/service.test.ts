@@ -142,12 +142,19 @@ describe("builderd", () => {
     }
     return (await client.getBuild({ buildId }, as(tenant))).build!;
   };
+  // An image's tree without mtimes: mkfs keeps whole seconds (Kiln's writer nanoseconds), and the
+  // injected init files are stamped when each build made them.
+  const imageTree = async (img: string) =>
+    Object.fromEntries(
+      Object.entries((await snapshotImage(img)).nodes).map(([p, { mtimeMs: _, ...n }]) => [p, n]),
+    );
 
   beforeAll(async () => {
     registry = await startTestRegistry();
     const layout = path.join(work.path, "layout");
     const tags = await writeOciLayout(layout, [
       { tag: "1", image: { layers: appLayers, config: appConfig } },
+      { tag: "zstd", image: { layers: appLayers, config: appConfig, compression: "zstd" } },
       {
         tag: "evil",
         image: {
@@ -169,6 +176,7 @@ describe("builderd", () => {
       },
     ]);
     await pushLayout(layout, "1", registry.host, "app");
+    await pushLayout(layout, "zstd", registry.host, "app-zstd");
     await pushLayout(layout, "evil", registry.host, "evil");
     await pushLayout(layout, "corrupt", registry.host, "corrupt");
     gate = await gatedFront(registry.host, [await configDigest(layout, tags["1"]!.digest)]);
@@ -283,16 +291,21 @@ describe("builderd", () => {
         const fsck = await fsckImage(b.rootfsPath);
         expect(fsck.clean, fsck.output).toBe(true);
       }
-      // mkfs keeps whole seconds of mtimes (Kiln's writer keeps nanoseconds), and the injected
-      // init files are stamped when each build made them: compare everything else.
-      const tree = async (img: string) =>
-        Object.fromEntries(
-          Object.entries((await snapshotImage(img)).nodes).map(([p, { mtimeMs: _, ...n }]) => [p, n]),
-        );
-      expect(await tree(viaKiln.rootfsPath)).toEqual(await tree(viaMkfs.rootfsPath));
+      expect(await imageTree(viaKiln.rootfsPath)).toEqual(await imageTree(viaMkfs.rootfsPath));
     } finally {
       await mkfsSvc.stop();
     }
+  });
+
+  it("builds an image with zstd layers into the same rootfs as its gzip twin", async () => {
+    const viaZstd = await waitEnd((await createBuild(image("app-zstd:zstd"))).buildId);
+    expect(viaZstd.errorMessage).toBe("");
+    expect(viaZstd.state).toBe(S.COMPLETED);
+    const viaGzip = await waitEnd((await createBuild(image("app:1"))).buildId);
+    expect(viaZstd.imageMetadata?.layers).not.toEqual(viaGzip.imageMetadata?.layers);
+    const fsck = await fsckImage(viaZstd.rootfsPath);
+    expect(fsck.clean, fsck.output).toBe(true);
+    expect(await imageTree(viaZstd.rootfsPath)).toEqual(await imageTree(viaGzip.rootfsPath));
   });
 
   it("streams the build's log with stages, and progress in bytes", async () => {

@@ -4,6 +4,7 @@ import { PassThrough, Readable } from "node:stream";
 import zlib from "node:zlib";
 import { tempDir } from "@kiln/kit/testing";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
+import { compress as zstd } from "zstd-napi";
 import { type EntrySpec, layerTar } from "../testing/oci-layout.js";
 import { type ApplyLayerOptions, applyLayer } from "./apply-layer.js";
 import { decompressLayer } from "./decompress.js";
@@ -258,14 +259,17 @@ describe("applyLayer limits", () => {
     ).resolves.toMatchObject({ bytesWritten: 100 });
   });
 
-  it("stops a gzip bomb of a few KB as soon as it would pass maxBytes", async () => {
+  it.each([
+    ["gzip", (b: Buffer) => zlib.gzipSync(b, { level: 9 })],
+    ["zstd", (b: Buffer) => zstd(b, { compressionLevel: 19 })],
+  ] as const)("stops a %s bomb of a few KB as soon as it would pass maxBytes", async (compression, pack) => {
     const tarBytes = await layerTar([
       { type: "file", path: "zeros", content: Buffer.alloc(64 * 1024 * 1024) },
     ]);
-    const gz = zlib.gzipSync(tarBytes, { level: 9 });
-    expect(gz.length).toBeLessThan(100 * 1024);
-    const source = Readable.from([gz]);
-    const err = await applyLayer(rootfs, decompressLayer(source, "gzip"), {
+    const bomb = pack(tarBytes);
+    expect(bomb.length).toBeLessThan(100 * 1024);
+    const source = Readable.from([bomb]);
+    const err = await applyLayer(rootfs, decompressLayer(source, compression), {
       maxBytes: 8 * 1024 * 1024,
     }).catch((e) => e);
     expect(err).toBeInstanceOf(LayerTooLargeError);

@@ -11,6 +11,7 @@ import path from "node:path";
 import { promisify } from "node:util";
 import zlib from "node:zlib";
 import tar from "tar-stream";
+import { compress as zstdCompress } from "zstd-napi";
 
 const gzip = promisify(zlib.gzip);
 
@@ -51,7 +52,7 @@ export interface ImageSpec {
   os?: string;
   variant?: string;
   /** Layer compression (default gzip). */
-  compression?: "gzip" | "none";
+  compression?: "gzip" | "zstd" | "none";
   /** Docker v2 media types instead of OCI ones. */
   dockerMediaTypes?: boolean;
 }
@@ -71,6 +72,7 @@ export const MEDIA = {
   ociIndex: "application/vnd.oci.image.index.v1+json",
   ociConfig: "application/vnd.oci.image.config.v1+json",
   ociLayerGzip: "application/vnd.oci.image.layer.v1.tar+gzip",
+  ociLayerZstd: "application/vnd.oci.image.layer.v1.tar+zstd",
   ociLayer: "application/vnd.oci.image.layer.v1.tar",
   dockerManifest: "application/vnd.docker.distribution.manifest.v2+json",
   dockerList: "application/vnd.docker.distribution.manifest.list.v2+json",
@@ -170,13 +172,14 @@ export async function writeImage(dir: string, image: ImageSpec): Promise<Descrip
   for (const entries of image.layers) {
     const raw = await layerTar(entries);
     diffIds.push(sha256(raw));
-    const compressed = image.compression === "none" ? raw : await gzip(raw);
+    const compression = image.compression ?? "gzip";
+    if (docker && compression !== "gzip") throw new Error("Docker v2 media types here are gzip layers only");
+    const compressed =
+      compression === "none" ? raw : compression === "zstd" ? zstdCompress(raw) : await gzip(raw);
     const { digest, size } = await writeBlob(dir, compressed);
     const mediaType = docker
       ? MEDIA.dockerLayerGzip
-      : image.compression === "none"
-        ? MEDIA.ociLayer
-        : MEDIA.ociLayerGzip;
+      : { none: MEDIA.ociLayer, zstd: MEDIA.ociLayerZstd, gzip: MEDIA.ociLayerGzip }[compression];
     layers.push({ mediaType, digest, size });
   }
   const platform = { architecture: image.architecture ?? "amd64", os: image.os ?? "linux" };
