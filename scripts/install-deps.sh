@@ -9,6 +9,6 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   echo "install-deps: node_modules matches package-lock.json"
   exit 0
 fi
-echo "install-deps: npm ci (the first run compiles better-sqlite3, about a minute)"
+echo "install-deps: npm ci (the first run compiles better-sqlite3 and zstd-napi, about a minute)"
 npm ci --no-audit --no-fund
 echo "$want" > "$stamp"
