@@ -5,8 +5,9 @@ import { buffer } from "node:stream/consumers";
 import zlib from "node:zlib";
 import { describe, expect, it } from "vitest";
 import { compress as zstd } from "zstd-napi";
-import { decompressLayer, ZSTD_WINDOW_LOG_MAX } from "./decompress.js";
+import { decompressLayer } from "./decompress.js";
 import { InvalidLayerError } from "./errors.js";
+import { ZSTD_WINDOW_LOG_MAX } from "./zstd.js";
 
 const data = Buffer.from("tar bytes ".repeat(10_000));
 

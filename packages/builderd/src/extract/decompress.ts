@@ -5,13 +5,6 @@ import { zstdDecompressor } from "./zstd.js";
 
 export type LayerCompression = "gzip" | "zstd" | "none";
 
-/**
- * The largest zstd window a layer may ask for: 2^27 = 128 MiB, libzstd's own default limit for
- * decoders (`zstd` needs --long / --memory beyond it). A frame header alone decides how much
- * memory its decoder takes, so without a limit one small hostile layer could ask for 2 GiB.
- */
-export const ZSTD_WINDOW_LOG_MAX = 27;
-
 // Larger than zlib's 16 KiB default: fewer chunks means fewer writes per file during extraction
 // and fewer round trips to the threadpool, where zlib inflates.
 const CHUNK_SIZE = 512 * 1024;
@@ -40,7 +33,7 @@ export function decompressLayer(stream: Readable, compression: LayerCompression)
       stream.once("error", (err) => {
         sourceError = err;
       });
-      const zstd = zstdDecompressor(ZSTD_WINDOW_LOG_MAX);
+      const zstd = zstdDecompressor();
       pipeline(stream, zstd, () => {});
       return readAhead(zstd, "zstd", (err) => err !== sourceError);
     }
@@ -53,7 +46,7 @@ export function decompressLayer(stream: Readable, compression: LayerCompression)
 
 /**
  * The decoder's output through a read-ahead buffer, with the decoder's own errors (as told by
- * `isDecodeError`; a failed read of the source passes unchanged) as InvalidLayerError.
+ * `isDecodeError`; a failed read of the source passes unchanged) as InvalidLayerError: corrupt data.
  */
 function readAhead(decoder: Readable, format: string, isDecodeError: (err: Error) => boolean): Readable {
   const out = new Transform({
@@ -64,11 +57,11 @@ function readAhead(decoder: Readable, format: string, isDecodeError: (err: Error
     },
   });
   decoder.on("error", (err: Error) => {
-    if (!isDecodeError(err)) return;
-    const why = /too much memory/i.test(err.message)
-      ? `its zstd window is larger than the ${2 ** (ZSTD_WINDOW_LOG_MAX - 20)} MiB Kiln allows (${err.message})`
-      : `it is not valid ${format} data (${err.message}); the blob is corrupt`;
-    out.destroy(new InvalidLayerError(`layer cannot be decompressed: ${why}`, undefined, { cause: err }));
+    if (err instanceof InvalidLayerError) out.destroy(err);
+    else if (isDecodeError(err)) {
+      const why = `it is not valid ${format} data (${err.message}); the blob is corrupt`;
+      out.destroy(new InvalidLayerError(`layer cannot be decompressed: ${why}`, undefined, { cause: err }));
+    }
   });
   return pipeline(decoder, out, () => {});
 }

@@ -10,7 +10,7 @@ import { Worker, type WorkerOptions } from "node:worker_threads";
  * 15 MB, ~10 per 100 MB image, which cost 250–400 ms of CPU on its helper threads, the largest
  * single cost of a cold build on two cores. From this size on, scavenges free those Buffers and
  * a build sees 0–2 mark-compacts. The old space grows only with what survives, which here is
- * little: the heap itself stays ~8 MB.
+ * little: the heap itself stays at ~8–18 MB.
  */
 export const EXTRACTION_INITIAL_OLD_SPACE_MB = 128;
 

@@ -1,15 +1,24 @@
 import { Transform } from "node:stream";
 import binding from "zstd-napi/binding.js";
+import { InvalidLayerError } from "./errors.js";
+
+/**
+ * The largest zstd window a layer may ask for: 2^27 = 128 MiB, libzstd's own default limit for
+ * decoders (`zstd` needs --long / --memory beyond it). A frame header alone decides how much
+ * memory its decoder takes, so without a limit one small hostile layer could ask for 2 GiB.
+ */
+export const ZSTD_WINDOW_LOG_MAX = 27;
 
 /**
  * A zstd decoder as a stream (libzstd through zstd-napi's binding): frames one after another,
  * skippable frames too (zstd:chunked keeps its table of contents in one), each frame's window at
- * most 2^windowLogMax bytes. Fails when the input holds no frame or ends inside one.
+ * most 2^windowLogMax bytes (a larger one fails as an InvalidLayerError naming the limit). Fails
+ * when the input holds no frame or ends inside one.
  *
  * zstd-napi's own DecompressStream reports a complete input as cut short when an empty chunk
  * follows its last frame, so the loop over ZSTD_decompressStream is Kiln's.
  */
-export function zstdDecompressor(windowLogMax: number): Transform {
+export function zstdDecompressor(windowLogMax = ZSTD_WINDOW_LOG_MAX): Transform {
   const dctx = new binding.DCtx();
   dctx.setParameter(binding.DParameter.windowLogMax, windowLogMax);
   const outSize = binding.dStreamOutSize();
@@ -33,7 +42,16 @@ export function zstdDecompressor(windowLogMax: number): Transform {
         }
         callback();
       } catch (err) {
-        callback(err as Error);
+        const tooLarge = /too much memory/i.test((err as Error).message);
+        callback(
+          tooLarge
+            ? new InvalidLayerError(
+                `layer cannot be decompressed: its zstd window is larger than the ${2 ** (windowLogMax - 20)} MiB Kiln allows (${(err as Error).message})`,
+                undefined,
+                { cause: err },
+              )
+            : (err as Error),
+        );
       }
     },
     flush(callback) {
