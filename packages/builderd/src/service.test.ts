@@ -308,6 +308,50 @@ describe("builderd", () => {
     expect(await imageTree(viaZstd.rootfsPath)).toEqual(await imageTree(viaGzip.rootfsPath));
   });
 
+  // A tree root with less room than a tree may need (a container's 64 MiB /dev/shm, say): each
+  // build checks, and extracts in its build dir instead.
+  it.skipIf(process.getuid?.() !== 0)(
+    "extracts in the build dir when the tree root is short of room, and says so",
+    async () => {
+      const small = path.join(work.path, "small-tmpfs");
+      fs.mkdirSync(small);
+      await run("mount", ["-t", "tmpfs", "-o", "size=16m,mode=0700", "kiln-test-small", small]);
+      let smallSvc: TestService | undefined;
+      try {
+        smallSvc = await startTestService(builderd, {
+          env: {
+            UNKEY_BUILDERD_INSECURE_REGISTRIES: registry.host,
+            UNKEY_BUILDERD_TREE_DIR: small,
+            UNKEY_BUILDERD_REGISTER_ASSETS: "false",
+          },
+        });
+        const c = createClient(BuilderService, smallSvc.service.transport);
+        const headers = { "x-kiln-tenant-id": "acme", "x-kiln-tenant-tier": "pro" };
+        const { buildId } = await c.createBuild(
+          {
+            config: { source: { sourceType: { case: "dockerImage", value: { imageUri: image("app:1") } } } },
+          },
+          { headers },
+        );
+        for await (const _ of c.streamBuildLogs({ buildId, follow: true }, { headers })) {
+        }
+        const { build } = await c.getBuild({ buildId }, { headers });
+        expect(build?.errorMessage).toBe("");
+        expect(build?.state).toBe(S.COMPLETED);
+        expect(smallSvc.logs).toContainEqual(
+          expect.objectContaining({
+            msg: "tree root short of room: extracting in the build dir",
+            build_id: buildId,
+            tenant_id: "acme",
+          }),
+        );
+      } finally {
+        await smallSvc?.stop();
+        await run("umount", [small]);
+      }
+    },
+  );
+
   it("streams the build's log with stages, and progress in bytes", async () => {
     const res = await createBuild(image("app:1"), "logs-tenant");
     const stages = new Set<number>();
