@@ -22,11 +22,13 @@ declare -A WHY=(
   [iproute2]="network namespaces and veth pairs (metald)"
   [iptables]="port forwarding and egress rules in Kiln's own chains (metald)"
   [ca-certificates]="TLS to registries"
+  [attr]="getfattr: tests read back the extended attributes of images Kiln's ext4 writer makes"
+  [libcap2-bin]="getcap: tests check file capabilities in those images as the kernel reads them"
   [g++]="node-gyp compiles the native npm addons: better-sqlite3, zstd-napi (libzstd for zstd layers)"
   [make]="node-gyp builds the native addons with make"
   [python3]="node-gyp itself"
 )
-ORDER=(qemu-system-x86 qemu-utils linux-image-cloud-amd64 runsc runc e2fsprogs libeatmydata1 busybox-static tini docker-registry skopeo umoci apache2-utils iproute2 iptables ca-certificates g++ make python3)
+ORDER=(qemu-system-x86 qemu-utils linux-image-cloud-amd64 runsc runc e2fsprogs libeatmydata1 busybox-static tini docker-registry skopeo umoci apache2-utils iproute2 iptables ca-certificates attr libcap2-bin g++ make python3)
 
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 

@@ -21,10 +21,34 @@ describe("placeholders", () => {
   it("name an extent only for the build whose nonce they carry", () => {
     const nonce = newNonce();
     const p = encodePlaceholder(nonce, { block: DATA_START_BLOCK + 7, length: 12345 });
-    expect(decodePlaceholder(p, nonce)).toEqual({ block: DATA_START_BLOCK + 7, length: 12345 });
+    expect(decodePlaceholder(p, nonce)).toEqual({ block: DATA_START_BLOCK + 7, length: 12345, xattrs: [] });
     expect(decodePlaceholder(p, newNonce())).toBeUndefined();
     expect(decodePlaceholder(Buffer.concat([p, Buffer.from("x")]), nonce)).toBeUndefined();
     expect(() => encodePlaceholder(nonce.subarray(0, 8), { block: 1, length: 1 })).toThrow(RangeError);
+  });
+
+  it("carry the file's extended attributes, byte for byte, also for a file with no content", () => {
+    const nonce = newNonce();
+    const xattrs = [
+      { name: "security.capability", value: Buffer.from("0100000200200000000000000000000000000000", "hex") },
+      { name: "user.empty", value: Buffer.alloc(0) },
+      { name: "user.ünïcode", value: Buffer.from([0xff, 0xfe, 0x80, 0]) },
+    ];
+    const p = encodePlaceholder(nonce, { block: DATA_START_BLOCK, length: 0 }, xattrs);
+    expect(decodePlaceholder(p, nonce)).toEqual({ block: DATA_START_BLOCK, length: 0, xattrs });
+    // Cut anywhere, or with a byte more, it is no placeholder (the head names its exact size).
+    for (const n of [p.length - 1, p.length - 5, 70])
+      expect(decodePlaceholder(p.subarray(0, n), nonce)).toBeUndefined();
+    expect(decodePlaceholder(Buffer.concat([p, Buffer.from([0])]), nonce)).toBeUndefined();
+    // A forged size field cannot make the reader run past the end.
+    const forged = Buffer.from(p);
+    forged.writeUInt16LE(0xffff, 64);
+    expect(decodePlaceholder(forged, nonce)).toBeUndefined();
+    expect(() =>
+      encodePlaceholder(nonce, { block: DATA_START_BLOCK, length: 0 }, [
+        { name: "user.big", value: Buffer.alloc(BLOCK_SIZE) },
+      ]),
+    ).toThrow(RangeError);
   });
 
   it("restoreContent puts a placeholder's content back, keeping inode, mode and times", async () => {

@@ -34,6 +34,9 @@ const RO_COMPAT_LARGE_FILE = 0x2;
 const RO_COMPAT_DIR_NLINK = 0x20;
 const RO_COMPAT_EXTRA_ISIZE = 0x40;
 const EXTRA_ISIZE = 32;
+/** Where an inode's extended attribute space starts, and its size (xattrs.ts). */
+export const INODE_XATTR_OFFSET = 128 + EXTRA_ISIZE;
+export const INODE_XATTR_BYTES = INODE_SIZE - INODE_XATTR_OFFSET;
 export const EXTENTS_FL = 0x80000;
 const EXTENT_MAGIC = 0xf30a;
 
@@ -149,6 +152,10 @@ export interface InodeFields {
   atimeNs: bigint;
   mtimeNs: bigint;
   ctimeNs: bigint;
+  /** The extended attribute block (i_file_acl), if any; its 8 sectors are in `sectors`. */
+  fileAcl?: number;
+  /** The in-inode extended attribute space (xattrs.ts encodeInodeXattrs), if any. */
+  xattrs?: Buffer;
 }
 
 export function encodeInode(f: InodeFields, into: Buffer, at: number): void {
@@ -166,8 +173,10 @@ export function encodeInode(f: InodeFields, into: Buffer, at: number): void {
   into.writeUInt32LE(f.sectors % 2 ** 32, at + 0x1c);
   into.writeUInt32LE(f.flags, at + 0x20);
   f.iblock.copy(into, at + 0x28, 0, 60);
+  into.writeUInt32LE((f.fileAcl ?? 0) % 2 ** 32, at + 0x68);
   into.writeUInt32LE(Math.floor(f.size / 2 ** 32), at + 0x6c);
   into.writeUInt16LE(Math.floor(f.sectors / 2 ** 32), at + 0x74);
+  into.writeUInt16LE(Math.floor((f.fileAcl ?? 0) / 2 ** 32), at + 0x76);
   into.writeUInt16LE(f.uid >>> 16, at + 0x78);
   into.writeUInt16LE(f.gid >>> 16, at + 0x7a);
   into.writeUInt16LE(EXTRA_ISIZE, at + 0x80);
@@ -176,6 +185,7 @@ export function encodeInode(f: InodeFields, into: Buffer, at: number): void {
   into.writeUInt32LE(atime.extra >>> 0, at + 0x8c);
   into.writeUInt32LE(ctime.lo, at + 0x90); // i_crtime: when the image was made
   into.writeUInt32LE(ctime.extra >>> 0, at + 0x94);
+  f.xattrs?.copy(into, at + INODE_XATTR_OFFSET);
 }
 
 /** A run of physical blocks mapped at a logical block of a file. */

@@ -3,7 +3,7 @@ import fs from "node:fs";
 import path from "node:path";
 import { tempDir } from "@kiln/kit/testing";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
-import { snapshotTree } from "../../extract/fixtures/tree-snapshot.js";
+import { readXattrs, snapshotTree } from "../../extract/fixtures/tree-snapshot.js";
 import {
   BLOCK_SIZE,
   blocksFor,
@@ -12,7 +12,7 @@ import {
   newNonce,
   PLACEHOLDER_BYTES,
 } from "./data-area.js";
-import { fsckImage, snapshotImage } from "./testing/image-tree.js";
+import { fsckImage, snapshotImage, withMountedImage } from "./testing/image-tree.js";
 import { writeExt4Image } from "./writer.js";
 
 let tmp: { path: string; remove(): void };
@@ -166,4 +166,61 @@ describe("writeExt4Image", () => {
     expect(sb["Filesystem features"]).toMatch(/has_journal/);
     expect(sb["Filesystem volume name"]).toBe("rootfs");
   });
+
+  it.skipIf(process.getuid?.() !== 0)(
+    "stores placeholders' extended attributes in the inode, or in a block when they do not fit, as the kernel reads them",
+    async () => {
+      const nonce = newNonce();
+      const content = Buffer.from("#!/bin/sh\necho hi\n");
+      fs.writeFileSync(image, "");
+      const fd = fs.openSync(image, "r+");
+      fs.writeSync(fd, content, 0, content.length, DATA_START_BLOCK * BLOCK_SIZE);
+      fs.closeSync(fd);
+      // cap_net_bind_service and cap_setuid, effective: a byte (0x80) no UTF-8 string holds.
+      const capability = Buffer.from("0100000280040000000000000000000000000000", "hex");
+      const small = [
+        { name: "security.capability", value: capability },
+        { name: "user.empty", value: Buffer.alloc(0) },
+      ];
+      const big = [
+        { name: "user.big", value: Buffer.alloc(1500, 0xab) },
+        { name: "trusted.t", value: Buffer.from("x") },
+        { name: "user.a", value: Buffer.from([0, 1, 2]) },
+      ];
+      const put = (name: string, extent: { block: number; length: number }, xattrs = small) =>
+        fs.writeFileSync(path.join(root, name), encodePlaceholder(nonce, extent, xattrs), { mode: 0o755 });
+      put("tool", { block: DATA_START_BLOCK, length: content.length });
+      put("empty-with-attrs", { block: DATA_START_BLOCK + 1, length: 0 }, big);
+      fs.linkSync(path.join(root, "empty-with-attrs"), path.join(root, "link"));
+      fs.writeFileSync(path.join(root, "plain"), "no attributes");
+      writeExt4Image({ rootfs: root, image, nonce, nextBlock: DATA_START_BLOCK + 1 });
+
+      const fsck = await fsckImage(image);
+      expect(fsck.clean, fsck.output).toBe(true);
+      const hex = (attrs: typeof small) =>
+        Object.fromEntries(attrs.map((a) => [a.name, a.value.toString("hex")]));
+      await withMountedImage(image, (dir) => {
+        const attrs = readXattrs(dir);
+        expect(attrs.get("tool")).toEqual(hex(small));
+        expect(attrs.get("empty-with-attrs")).toEqual(hex(big));
+        expect(attrs.get("link")).toEqual(hex(big));
+        expect(attrs.has("plain")).toBe(false);
+        expect(fs.readFileSync(path.join(dir, "tool"))).toEqual(content);
+        expect(fs.statSync(path.join(dir, "empty-with-attrs")).size).toBe(0);
+        // getcap (libcap) decodes the capability as the kernel will apply it on exec.
+        expect(execFileSync("getcap", [path.join(dir, "tool")], { encoding: "utf8" })).toMatch(
+          /cap_setuid,cap_net_bind_service=ep/,
+        );
+      });
+      // The small set is in the inode; the big one in a block, the empty file's only one (8 sectors).
+      const stat = (p: string) =>
+        execFileSync("debugfs", ["-R", `stat ${p}`, image], {
+          encoding: "utf8",
+          stdio: ["ignore", "pipe", "ignore"],
+        });
+      expect(stat("/tool")).toMatch(/File ACL: 0\b/);
+      expect(stat("/empty-with-attrs")).toMatch(/File ACL: [1-9]\d*/);
+      expect(stat("/empty-with-attrs")).toMatch(/Blockcount: 8\b/);
+    },
+  );
 });

@@ -25,7 +25,7 @@ import {
   type DataExtent,
   decodePlaceholder,
   MAX_IMAGE_BYTES,
-  PLACEHOLDER_BYTES,
+  placeholderSized,
 } from "./data-area.js";
 import {
   BLOCKS_PER_GROUP,
@@ -46,11 +46,13 @@ import {
   FIRST_INO,
   FT,
   INODE_SIZE,
+  INODE_XATTR_BYTES,
   JOURNAL_INO,
   journalBytes,
   MAX_LINKS,
   ROOT_INO,
 } from "./format.js";
+import { encodeInodeXattrs, encodeXattrBlock, type Xattr } from "./xattrs.js";
 
 const MiB = 1 << 20;
 const COPY_CHUNK = MiB;
@@ -106,6 +108,11 @@ interface Node {
   target?: Buffer;
   /** Extent leaf blocks, when the extents do not fit in the inode. */
   leaves?: number[];
+  /** Files: extended attributes, from the placeholder. */
+  xattrs?: Xattr[];
+  /** Where they went: the inode's own space, or a block of their own. */
+  inodeXattrs?: Buffer;
+  xattrBlock?: number;
 }
 
 /** Writes the image; returns its size. Throws FailedPreconditionError for trees ext4 cannot hold. */
@@ -162,17 +169,16 @@ function write(fd: number, opts: WriteImageOptions, label: string): WrittenImage
   }
 
   function placeFile(node: Node, p: Buffer, size: number): void {
-    if (size === PLACEHOLDER_BYTES) {
-      const ext = decodePlaceholder(readSmall(p), opts.nonce);
-      if (ext) {
-        const end = ext.block + blocksFor(ext.length);
-        if (ext.block < DATA_START_BLOCK || end > opts.nextBlock) {
-          throw new InternalError(
-            `placeholder ${p} points outside the image's content (${ext.block}…${end})`,
-          );
+    if (placeholderSized(size)) {
+      const ph = decodePlaceholder(readSmall(p, size), opts.nonce);
+      if (ph) {
+        const end = ph.block + blocksFor(ph.length);
+        if (ph.block < DATA_START_BLOCK || end > opts.nextBlock) {
+          throw new InternalError(`placeholder ${p} points outside the image's content (${ph.block}…${end})`);
         }
-        node.data = ext;
-        contentBytes += ext.length;
+        if (ph.length > 0) node.data = { block: ph.block, length: ph.length };
+        if (ph.xattrs.length > 0) node.xattrs = ph.xattrs;
+        contentBytes += ph.length;
         return;
       }
     }
@@ -237,6 +243,16 @@ function write(fd: number, opts: WriteImageOptions, label: string): WrittenImage
       node.data = { block: append(node.target!), length: node.target!.length };
     }
   }
+  // Extended attributes: in the inode when they fit, else in a block of their own.
+  for (const node of nodes) {
+    if (!node.xattrs) continue;
+    node.inodeXattrs = encodeInodeXattrs(node.xattrs, INODE_XATTR_BYTES);
+    if (node.inodeXattrs) continue;
+    const block = encodeXattrBlock(node.xattrs);
+    // Extraction keeps only attributes that fit a block (extract/xattrs.ts).
+    if (!block) throw new InternalError(`inode ${node.ino}'s extended attributes do not fit an ext4 block`);
+    node.xattrBlock = append(block);
+  }
   for (const node of nodes) {
     const n = node.data ? extentsOf(node.data.block, blocksFor(node.data.length)).length : 0;
     const leaves = extentLeafBlocks(n);
@@ -298,6 +314,7 @@ function write(fd: number, opts: WriteImageOptions, label: string): WrittenImage
   for (const node of nodes) {
     if (node.data) claim(node.data.block, blocksFor(node.data.length), `inode ${node.ino}`);
     for (const leaf of node.leaves ?? []) claim(leaf, 1, `inode ${node.ino}'s extents`);
+    if (node.xattrBlock !== undefined) claim(node.xattrBlock, 1, `inode ${node.ino}'s extended attributes`);
   }
   claim(journalStart, metaEnd - journalStart, "journal, bitmaps and inode tables");
   setBits(bitmap, totalBlocks, groups * BLOCKS_PER_GROUP);
@@ -407,6 +424,7 @@ function writeInode(fd: number, node: Node, table: Buffer): void {
   } else if (node.kind === "chr" || node.kind === "blk") {
     iblock = encodeDevice(meta.rdev);
   }
+  if (node.xattrBlock !== undefined) sectors += BLOCK_SIZE / 512;
   const subdirs = node.entries?.filter((e) => e.node.kind === "dir").length ?? 0;
   const links = node.kind === "dir" ? (2 + subdirs > MAX_LINKS ? 1 : 2 + subdirs) : node.links;
   encodeInode(
@@ -417,6 +435,8 @@ function writeInode(fd: number, node: Node, table: Buffer): void {
       sectors,
       flags,
       iblock,
+      fileAcl: node.xattrBlock,
+      xattrs: node.inodeXattrs,
     },
     table,
     (node.ino - 1) * INODE_SIZE,
@@ -462,10 +482,10 @@ function kindOf(st: fs.BigIntStats, p: Buffer): Kind {
   throw new InternalError(`${p} has an unknown file type`);
 }
 
-function readSmall(p: Buffer): Buffer {
+function readSmall(p: Buffer, size: number): Buffer {
   const fd = fs.openSync(p, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW);
   try {
-    const b = Buffer.alloc(PLACEHOLDER_BYTES);
+    const b = Buffer.alloc(size);
     const n = fs.readSync(fd, b, 0, b.length, 0);
     return b.subarray(0, n);
   } finally {

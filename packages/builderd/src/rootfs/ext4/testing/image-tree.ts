@@ -214,6 +214,29 @@ export async function fsckImage(image: string): Promise<FsckResult> {
   }
 }
 
+/**
+ * Runs `fn` with the image mounted read-only (a loop device, no journal replay) at a temporary
+ * directory: the kernel's own ext4 driver reading what the writer made. Needs root.
+ */
+export async function withMountedImage<T>(image: string, fn: (dir: string) => Promise<T> | T): Promise<T> {
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), "kiln-ext4-mount-"));
+  try {
+    await runChecked("mount", ["-t", "ext4", "-o", "loop,ro,noload", image, dir]);
+    try {
+      return await fn(dir);
+    } finally {
+      await runChecked("umount", [dir]);
+    }
+  } finally {
+    await fs.rmdir(dir);
+  }
+}
+
+async function runChecked(cmd: string, args: string[]): Promise<void> {
+  const r = await runTool(cmd, args, {});
+  if (r.code !== 0) throw new Error(`${cmd} ${args.join(" ")} failed (${r.code}): ${r.stderr}`);
+}
+
 function parseListing(section: string, image: string, rel: string): Entry[] {
   const entries: Entry[] = [];
   for (const m of section.matchAll(LS_ENTRY)) {
