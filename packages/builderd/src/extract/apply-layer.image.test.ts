@@ -70,15 +70,15 @@ const upper: EntrySpec[] = [
 const upperBlocks = 1 + 2;
 
 /** A layer's tar in odd-sized chunks, so that a file's content arrives in many pieces at many offsets. */
-async function chunkedLayer(entries: EntrySpec[]): Promise<Readable> {
-  const tarBytes = await layerTar(entries);
+async function chunkedLayer(entries: EntrySpec[] | Buffer): Promise<Readable> {
+  const tarBytes = Buffer.isBuffer(entries) ? entries : await layerTar(entries);
   const chunks: Buffer[] = [];
   for (let at = 0; at < tarBytes.length; at += 1000) chunks.push(tarBytes.subarray(at, at + 1000));
   return Readable.from(chunks);
 }
 
 /** Applies the layers to `plain` as before, and to `placed` with imageData, each layer continuing the last. */
-async function applyBoth(layers: EntrySpec[][], opts: Partial<ApplyLayerOptions> = {}) {
+async function applyBoth(layers: Array<EntrySpec[] | Buffer>, opts: Partial<ApplyLayerOptions> = {}) {
   const plainResults: ApplyLayerResult[] = [];
   const placedResults: ApplyLayerResult[] = [];
   let nextBlock = START;
@@ -194,6 +194,53 @@ describe("applyLayer with imageData", () => {
     expect(err.message).toContain('"f10"');
     // f10 was refused from its declared size, before any of it reached the image.
     expect(fs.statSync(image).size).toBe((START + 10 + 10 * blocksFor(100 * 1024)) * BLOCK_SIZE);
+  });
+
+  it("carries extended attributes in placeholders: on files, empty files and hard links, and says what it drops", async () => {
+    const raw = (name: string, header: Record<string, unknown>, content = Buffer.alloc(0)): EntrySpec => ({
+      type: "raw",
+      header: { name, mode: 0o755, size: content.length, ...header },
+      content,
+    });
+    const { placedResults } = await applyBoth([
+      [
+        raw(
+          "tool",
+          { type: "file", pax: { "SCHILY.xattr.security.capability": "cap", "SCHILY.xattr.user.é": "ü" } },
+          Buffer.from("bin"),
+        ),
+        raw("empty", {
+          type: "file",
+          pax: { "LIBARCHIVE.xattr.user.%C3%A9": Buffer.from([0xff, 0x80]).toString("base64") },
+        }),
+        raw("tool-link", { type: "link", linkname: "tool", pax: { "SCHILY.xattr.user.more": "m" } }),
+        raw("dir", { type: "directory", pax: { "SCHILY.xattr.user.d": "d" } }),
+        raw("acl", { type: "file", pax: { "SCHILY.xattr.system.posix_acl_access": "x" } }, Buffer.from("a")),
+      ],
+    ]);
+    const byPath = new Map(placedFiles(placed, nonce).map((f) => [f.path, f]));
+    const attrs = (p: string) =>
+      Object.fromEntries((byPath.get(p)?.xattrs ?? []).map((a) => [a.name, a.value.toString("hex")]));
+    const hex = (s: string) => Buffer.from(s).toString("hex");
+    // The link's attribute lands on the inode both names share, beside the file's own.
+    expect(attrs("tool")).toEqual({
+      "security.capability": hex("cap"),
+      "user.é": hex("ü"),
+      "user.more": hex("m"),
+    });
+    expect(attrs("tool-link")).toEqual(attrs("tool"));
+    expect(byPath.get("tool")!.extent).toMatchObject({ length: 3 });
+    expect(attrs("empty")).toEqual({ "user.é": "ff80" });
+    expect(byPath.get("empty")!.extent).toMatchObject({ length: 0 });
+    expect(attrs("acl")).toEqual({});
+    expect(placedResults[0]!.skipped).toEqual([
+      {
+        path: "dir",
+        reason: "extended attributes not kept (2 in this layer; first: user.d: not kept on a directory)",
+      },
+    ]);
+    // The tree is the same as without imageData, but for the placeholders.
+    expect(resolvedSnapshot(placed, image, nonce)).toEqual(snapshotTree(plain));
   });
 
   it("refuses a nextBlock inside the image's metadata blocks", async () => {

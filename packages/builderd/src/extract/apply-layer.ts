@@ -30,8 +30,15 @@ import path from "node:path";
 import type { Readable } from "node:stream";
 import { InvalidArgumentError, KilnError } from "@kiln/kit/errors";
 import { writeAllSync } from "@kiln/kit/fs";
-import tar from "tar-stream";
-import { BLOCK_SIZE, blocksFor, DATA_START_BLOCK, encodePlaceholder } from "../rootfs/ext4/data-area.js";
+import {
+  BLOCK_SIZE,
+  blocksFor,
+  DATA_START_BLOCK,
+  decodePlaceholder,
+  encodePlaceholder,
+  placeholderSized,
+} from "../rootfs/ext4/data-area.js";
+import { encodeXattrBlock, type Xattr } from "../rootfs/ext4/xattrs.js";
 import { type EntryMetadata, entryMetadata } from "./entry-metadata.js";
 import { entryComponents } from "./entry-path.js";
 import {
@@ -42,6 +49,7 @@ import {
   UnsafeLayerEntryError,
 } from "./errors.js";
 import { createRootResolver, type RootResolver } from "./root-resolver.js";
+import { readTar, type TarEntry } from "./tar-reader.js";
 import { classifyWhiteout, removeLower } from "./whiteouts.js";
 
 export interface ApplyLayerOptions {
@@ -76,9 +84,6 @@ export const DEFAULT_MAX_ENTRIES = 1_000_000;
 const PROGRESS_EVERY_BYTES = 4 * 1024 * 1024;
 const O_CREATE_NEW =
   fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL | fs.constants.O_NOFOLLOW;
-
-/** One entry of the tar stream: its header and a readable of its content. */
-type TarEntry = tar.Extract extends AsyncIterable<infer E> ? E : never;
 
 interface Times {
   atime: number;
@@ -123,19 +128,16 @@ export async function applyLayer(
   }
 
   const applier = createLayerApplier(root, rootStat, opts);
-  const extract = tar.extract();
   let sourceError: unknown;
   const onSourceError = (err: unknown) => {
     sourceError ??= err;
-    extract.destroy(err as Error);
   };
-  const onAbort = () => extract.destroy(signal?.reason);
+  const onAbort = () => tarStream.destroy(signal?.reason);
   tarStream.on("error", onSourceError);
   signal?.addEventListener("abort", onAbort, { once: true });
-  tarStream.pipe(extract);
   let done = false;
   try {
-    for await (const entry of extract) {
+    for await (const entry of readTar(tarStream)) {
       await applier.apply(entry);
     }
     applier.finish();
@@ -150,15 +152,11 @@ export async function applyLayer(
     throw explain(err, sourceError, applier.position(), where);
   } finally {
     signal?.removeEventListener("abort", onAbort);
-    if (!done) {
-      tarStream.unpipe(extract);
-      tarStream.destroy();
-      extract.destroy();
-    }
+    if (!done) tarStream.destroy();
   }
 }
 
-/** Turns parser and filesystem errors into errors that name the entry and what to do. */
+/** Turns filesystem errors into errors that name the entry and what to do (the reader's name it already). */
 function explain(err: unknown, sourceError: unknown, at: Position, noSpaceHint: string): unknown {
   if (err instanceof KilnError || err === sourceError) return err;
   const e = err as NodeJS.ErrnoException;
@@ -174,22 +172,6 @@ function explain(err: unknown, sourceError: unknown, at: Position, noSpaceHint: 
   if (typeof e?.code === "string" && /^E[A-Z]+$/.test(e.code)) {
     const hint = e.code === "ENOSPC" || e.code === "EDQUOT" ? noSpaceHint : undefined;
     return new LayerEntryFailedError(at.entry ?? "(before the first entry)", err, hint);
-  }
-  const msg = e instanceof Error ? e.message : String(err);
-  if (/Unexpected end of data/.test(msg)) {
-    if (at.entry !== undefined && at.remaining > 0) return truncatedEntry(at, err);
-    return new InvalidLayerError(
-      `layer tar ends unexpectedly${at.entry === undefined ? "" : ` after entry ${JSON.stringify(at.entry)}`}; the blob is truncated or corrupt`,
-      at.entry,
-      { cause: err },
-    );
-  }
-  if (/^(Invalid tar header|Invalid header|Header exceeds max size)/.test(msg)) {
-    return new InvalidLayerError(
-      `layer is not a valid tar stream (${msg})${at.entry === undefined ? "" : ` after entry ${JSON.stringify(at.entry)}`}`,
-      at.entry,
-      { cause: err },
-    );
   }
   return new LayerEntryFailedError(at.entry ?? "(before the first entry)", err);
 }
@@ -229,7 +211,9 @@ function createLayerApplier(root: string, rootStat: fs.Stats, opts: ApplyLayerOp
   let bytesWritten = 0;
   let lastProgress = 0;
   const skipped: ApplyLayerResult["skipped"] = [];
-  let xattrsReported = false;
+  /** Extended attributes not kept: how many entries had some, and the first, for one report per layer. */
+  let xattrDrops = 0;
+  let firstXattrDrop: { path: string; reason: string } | undefined;
   const pos: Position = { entry: undefined, declared: 0, remaining: 0 };
 
   /** Paths (resolved, relative to root) this layer created, and their ancestors: whiteouts spare them. */
@@ -289,10 +273,42 @@ function createLayerApplier(root: string, rootStat: fs.Stats, opts: ApplyLayerOp
     }
   }
 
-  async function drain(entry: TarEntry): Promise<void> {
-    if (entry.header.size === 0) return;
-    for await (const _ of entry) {
-      // Content of entries that have none to write (whiteouts, skipped nodes) is discarded.
+  function dropXattrs(name: string, attr: string, reason: string): void {
+    xattrDrops++;
+    firstXattrDrop ??= { path: name, reason: `${attr}: ${reason}` };
+  }
+
+  /**
+   * Sets `xattrs` on the placeholder at `rel` (merged over those it has, as setxattr would on a
+   * hard link's inode), keeping its times; an empty plain file becomes a placeholder with no content.
+   */
+  function addXattrs(name: string, rel: string, xattrs: Xattr[]): void {
+    const p = abs(rel);
+    const st = fs.lstatSync(p);
+    const current =
+      st.size === 0
+        ? { block: nextBlock, length: 0, xattrs: [] }
+        : placeholderSized(st.size)
+          ? decodePlaceholder(fs.readFileSync(p), image!.nonce)
+          : undefined;
+    if (!st.isFile() || !current) {
+      for (const a of xattrs)
+        dropXattrs(name, a.name, "its hard link target is not a regular file of this layer's kind");
+      return;
+    }
+    const merged = new Map(current.xattrs.map((a) => [a.name, a.value]));
+    for (const a of xattrs) merged.set(a.name, a.value);
+    const all = [...merged].map(([n, value]) => ({ name: n, value }));
+    if (!encodeXattrBlock(all)) {
+      for (const a of xattrs) dropXattrs(name, a.name, "the inode's attributes would exceed one ext4 block");
+      return;
+    }
+    const fd = fs.openSync(p, fs.constants.O_WRONLY | fs.constants.O_TRUNC | fs.constants.O_NOFOLLOW);
+    try {
+      writeAllSync(fd, encodePlaceholder(image!.nonce, current, all), 0);
+      fs.futimesSync(fd, st.atime, st.mtime);
+    } finally {
+      fs.closeSync(fd);
     }
   }
 
@@ -338,13 +354,20 @@ function createLayerApplier(root: string, rootStat: fs.Stats, opts: ApplyLayerOp
             opts.onProgress(bytesWritten);
           }
         }
-        // tar-stream fails a short entry and never yields more than declared; checked anyway, since
+        // The reader fails a short entry and never yields more than declared; checked anyway, since
         // a placeholder must name exactly the bytes written.
         if (pos.remaining !== 0) throw truncatedEntry(pos);
         if (image) {
-          writeAllSync(fd, encodePlaceholder(image.nonce, { block, length: size }), 0);
+          writeAllSync(fd, encodePlaceholder(image.nonce, { block, length: size }, m.xattrs), 0);
           nextBlock = block + blocksFor(size);
         }
+      } else if (image && m.xattrs.length > 0) {
+        // No content, but attributes: a placeholder carries them all the same.
+        writeAllSync(fd, encodePlaceholder(image.nonce, { block: nextBlock, length: 0 }, m.xattrs), 0);
+      }
+      if (!image) {
+        for (const a of m.xattrs)
+          dropXattrs(name, a.name, "only Kiln's ext4 writer keeps them (ext4Writer=kiln)");
       }
       // chmod after chown: chown clears setuid/setgid.
       if (chown) fs.fchownSync(fd, m.uid, m.gid);
@@ -399,7 +422,8 @@ function createLayerApplier(root: string, rootStat: fs.Stats, opts: ApplyLayerOp
     fs.lutimesSync(p, m.atime, m.mtime);
   }
 
-  function makeHardlink(name: string, parentComps: string[], base: string, linkname: string): void {
+  /** Links `name` to `linkname`'s inode; returns the inode's path relative to the root. */
+  function makeHardlink(name: string, parentComps: string[], base: string, linkname: string): string {
     const target = entryComponents(linkname, name, "hardlink target");
     if (target.length === 0) throw new UnsafeLayerEntryError(name, "the hardlink target is the rootfs root");
     const targetDir = resolver.resolveDir(target.slice(0, -1), name, false);
@@ -419,7 +443,7 @@ function createLayerApplier(root: string, rootStat: fs.Stats, opts: ApplyLayerOp
       );
     }
     const rel = join(resolver.resolveDir(parentComps, name, true)!, base);
-    if (rel === targetRel) return; // already the same file
+    if (rel === targetRel) return rel; // already the same file
     const p = abs(rel);
     try {
       fs.linkSync(abs(targetRel), p);
@@ -439,13 +463,14 @@ function createLayerApplier(root: string, rootStat: fs.Stats, opts: ApplyLayerOp
     }
     resolver.forget(rel);
     markUpper(rel);
+    return rel;
   }
 
   function applyRoot(entry: TarEntry, name: string, m: EntryMetadata): void {
     if (entry.header.type !== "directory") {
       throw new UnsafeLayerEntryError(
         name,
-        `a ${entry.header.type ?? "non-directory"} entry would replace the rootfs root itself`,
+        `a ${entry.header.type} entry would replace the rootfs root itself`,
       );
     }
     if (chown) fs.lchownSync(root, m.uid, m.gid);
@@ -464,25 +489,14 @@ function createLayerApplier(root: string, rootStat: fs.Stats, opts: ApplyLayerOp
 
     const comps = entryComponents(name);
     const m = entryMetadata(h);
-    if (m.hasXattrs && !xattrsReported) {
-      xattrsReported = true;
-      skipped.push({
-        path: name,
-        reason:
-          "extended attributes (PAX SCHILY.xattr.*) are not applied: Node.js cannot set xattrs (reported once per layer)",
-      });
-    }
+    for (const d of m.droppedXattrs) dropXattrs(name, d.name, d.reason);
     checkIds(name, m);
-    if (comps.length === 0) {
-      applyRoot(entry, name, m);
-      return drain(entry);
-    }
+    if (comps.length === 0) return applyRoot(entry, name, m);
     const base = comps[comps.length - 1]!;
     const parentComps = comps.slice(0, -1);
 
     const whiteout = classifyWhiteout(base, name);
     if (whiteout) {
-      await drain(entry);
       const dir = resolver.resolveDir(parentComps, name, false);
       if (dir === null) return; // nothing below a missing directory to remove
       const target = whiteout.kind === "opaque" ? dir : join(dir, whiteout.name);
@@ -501,14 +515,20 @@ function createLayerApplier(root: string, rootStat: fs.Stats, opts: ApplyLayerOp
       case "contiguous-file":
         return writeFile(entry, name, parentComps, base, m);
       case "directory":
-        makeDir(name, parentComps, base, m);
-        return drain(entry);
       case "symlink":
-        makeSymlink(name, parentComps, base, h.linkname ?? "", m);
-        return drain(entry);
-      case "link":
-        makeHardlink(name, parentComps, base, h.linkname ?? "");
-        return drain(entry);
+        if (h.type === "directory") makeDir(name, parentComps, base, m);
+        else makeSymlink(name, parentComps, base, h.linkname, m);
+        for (const a of m.xattrs) dropXattrs(name, a.name, `not kept on a ${h.type}`);
+        return;
+      case "link": {
+        const rel = makeHardlink(name, parentComps, base, h.linkname);
+        if (m.xattrs.length === 0) return;
+        if (image) addXattrs(name, rel, m.xattrs);
+        else
+          for (const a of m.xattrs)
+            dropXattrs(name, a.name, "only Kiln's ext4 writer keeps them (ext4Writer=kiln)");
+        return;
+      }
       case "character-device":
       case "block-device":
       case "fifo":
@@ -518,10 +538,10 @@ function createLayerApplier(root: string, rootStat: fs.Stats, opts: ApplyLayerOp
           path: name,
           reason: `${h.type} entries are not created (the VM's init mounts devtmpfs on /dev)`,
         });
-        return drain(entry);
+        return;
       default:
         throw new InvalidLayerError(
-          `layer entry ${JSON.stringify(name)} has an unsupported tar entry type (${String(h.type)})`,
+          `layer entry ${JSON.stringify(name)} has an unsupported tar entry type (${JSON.stringify(h.typeflag)})`,
           name,
         );
     }
@@ -536,6 +556,12 @@ function createLayerApplier(root: string, rootStat: fs.Stats, opts: ApplyLayerOp
       }
     }
     if (opts.onProgress && bytesWritten !== lastProgress) opts.onProgress(bytesWritten);
+    if (firstXattrDrop) {
+      skipped.push({
+        path: firstXattrDrop.path,
+        reason: `extended attributes not kept (${xattrDrops} in this layer; first: ${firstXattrDrop.reason})`,
+      });
+    }
   }
 
   return {

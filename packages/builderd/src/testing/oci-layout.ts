@@ -46,7 +46,8 @@ export interface ImageConfigSpec {
 }
 
 export interface ImageSpec {
-  layers: EntrySpec[][];
+  /** Each layer's entries, or a ready tar (one GNU tar made, say). */
+  layers: Array<EntrySpec[] | Buffer>;
   config?: ImageConfigSpec;
   architecture?: string;
   os?: string;
@@ -170,7 +171,7 @@ export async function writeImage(dir: string, image: ImageSpec): Promise<Descrip
   const layers: Descriptor[] = [];
   const diffIds: string[] = [];
   for (const entries of image.layers) {
-    const raw = await layerTar(entries);
+    const raw = Buffer.isBuffer(entries) ? entries : await layerTar(entries);
     diffIds.push(sha256(raw));
     const compression = image.compression ?? "gzip";
     if (docker && compression !== "gzip") throw new Error("Docker v2 media types here are gzip layers only");

@@ -21,7 +21,7 @@ import { placedFiles } from "../../extract/fixtures/image-data.js";
 import { expectSameTree, snapshotTree, withoutPaths } from "../../extract/fixtures/tree-snapshot.js";
 import { type ImageSpec, writeOciLayout } from "../../testing/oci-layout.js";
 import { BLOCK_SIZE, blocksFor, DATA_START_BLOCK, encodePlaceholder, newNonce } from "./data-area.js";
-import { fsckImage, snapshotImage } from "./testing/image-tree.js";
+import { fsckImage, snapshotImage, withMountedImage } from "./testing/image-tree.js";
 import { writeExt4Image } from "./writer.js";
 
 let tmp: { path: string; remove(): void };
@@ -55,7 +55,7 @@ async function build(name: string, spec: ImageSpec) {
   }
   const nextBlock = results.at(-1)?.nextBlock ?? DATA_START_BLOCK;
   const written = writeExt4Image({ rootfs, image, nonce, nextBlock });
-  return { image, rootfs, nonce, nextBlock, results, written, theirs: snapshotTree(umociDir) };
+  return { image, rootfs, nonce, nextBlock, results, written, umociDir, theirs: snapshotTree(umociDir) };
 }
 
 /** Builds the image and checks it against umoci's tree, leaving out what the extractor skips. */
@@ -93,6 +93,50 @@ describe("writeExt4Image makes, of extracted layers, the tree umoci raw unpack m
     const { theirs } = await expectConforms("busybox", busyboxImage());
     expect(Object.keys(theirs.nodes).length).toBeGreaterThan(200);
   });
+
+  // GNU tar writes the layer from a tree with attributes set on it; umoci applies them (as root),
+  // and the image, mounted, must show the kernel the same ones.
+  it.skipIf(process.getuid?.() !== 0)(
+    "extended attributes, file capabilities included, as umoci applies them and the kernel reads them",
+    async () => {
+      const src = path.join(tmp.path, "xattrs-src");
+      const p = (rel: string) => path.join(src, rel);
+      fs.mkdirSync(p("bin"), { recursive: true });
+      fs.writeFileSync(p("bin/tool"), "#!/bin/sh\necho tool\n");
+      fs.chmodSync(p("bin/tool"), 0o755);
+      execFileSync("setcap", ["cap_setuid,cap_net_bind_service=ep", p("bin/tool")]); // a 0x80 byte
+      fs.linkSync(p("bin/tool"), p("bin/tool-link"));
+      fs.writeFileSync(p("ping"), "ping");
+      execFileSync("setcap", ["cap_net_raw=ep", p("ping")]);
+      fs.writeFileSync(p("empty"), "");
+      execFileSync("setfattr", ["-n", "user.note", "-v", "0x00ff", p("empty")]);
+      fs.writeFileSync(p("big"), "x");
+      execFileSync("setfattr", ["-n", "user.blob", "-v", `0x${"ab".repeat(1500)}`, p("big")]);
+      const layer = execFileSync("tar", [
+        "--format=pax",
+        "--xattrs",
+        "--xattrs-include=*",
+        "--numeric-owner",
+        "--sort=name",
+        "-C",
+        src,
+        "-cf",
+        "-",
+        ".",
+      ]);
+      const { image, umociDir, results } = await expectConforms("xattrs", { layers: [layer] });
+      expect(results.flatMap((r) => r.skipped)).toEqual([]);
+      const theirs = snapshotTree(umociDir, { xattrs: true });
+      expect(theirs.nodes["bin/tool"]!.xattrs!["security.capability"]).toMatch(/80/);
+      expect(theirs.nodes["big"]!.xattrs!["user.blob"]).toHaveLength(3000);
+      await withMountedImage(image, (dir) => {
+        expectSameTree(withoutPaths(snapshotTree(dir, { xattrs: true }), ["lost+found"]), theirs);
+        expect(execFileSync("getcap", [path.join(dir, "bin/tool")], { encoding: "utf8" })).toMatch(
+          /cap_setuid,cap_net_bind_service=ep/,
+        );
+      });
+    },
+  );
 });
 
 describe("writeExt4Image's blocks", () => {
