@@ -236,7 +236,7 @@ describe("applyLayer with imageData", () => {
     expect(placedResults[0]!.skipped).toEqual([
       {
         path: "dir",
-        reason: "extended attributes not kept (2 in this layer; first: user.d: not kept on a directory)",
+        reason: "2 extended attributes not kept in this layer; the first, user.d: not kept on a directory",
       },
     ]);
     // The tree is the same as without imageData, but for the placeholders.

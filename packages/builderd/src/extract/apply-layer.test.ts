@@ -158,7 +158,7 @@ describe("applyLayer", () => {
       {
         path: "a",
         reason:
-          "extended attributes not kept (3 in this layer; first: user.test: only Kiln's ext4 writer keeps them (ext4Writer=kiln))",
+          "3 extended attributes not kept in this layer; the first, user.test: only Kiln's ext4 writer keeps them (ext4Writer=kiln)",
       },
     ]);
     expect(fs.readFileSync(at("b"), "utf8")).toBe("x");

@@ -211,7 +211,7 @@ function createLayerApplier(root: string, rootStat: fs.Stats, opts: ApplyLayerOp
   let bytesWritten = 0;
   let lastProgress = 0;
   const skipped: ApplyLayerResult["skipped"] = [];
-  /** Extended attributes not kept: how many entries had some, and the first, for one report per layer. */
+  /** Extended attributes not kept: how many, and the first, for one report per layer. */
   let xattrDrops = 0;
   let firstXattrDrop: { path: string; reason: string } | undefined;
   const pos: Position = { entry: undefined, declared: 0, remaining: 0 };
@@ -292,8 +292,7 @@ function createLayerApplier(root: string, rootStat: fs.Stats, opts: ApplyLayerOp
           ? decodePlaceholder(fs.readFileSync(p), image!.nonce)
           : undefined;
     if (!st.isFile() || !current) {
-      for (const a of xattrs)
-        dropXattrs(name, a.name, "its hard link target is not a regular file of this layer's kind");
+      for (const a of xattrs) dropXattrs(name, a.name, "the hard link's target is not a regular file");
       return;
     }
     const merged = new Map(current.xattrs.map((a) => [a.name, a.value]));
@@ -559,7 +558,7 @@ function createLayerApplier(root: string, rootStat: fs.Stats, opts: ApplyLayerOp
     if (firstXattrDrop) {
       skipped.push({
         path: firstXattrDrop.path,
-        reason: `extended attributes not kept (${xattrDrops} in this layer; first: ${firstXattrDrop.reason})`,
+        reason: `${xattrDrops} extended attribute${xattrDrops === 1 ? "" : "s"} not kept in this layer; the first, ${firstXattrDrop.reason}`,
       });
     }
   }
