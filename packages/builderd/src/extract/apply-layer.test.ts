@@ -311,7 +311,7 @@ describe("applyLayer limits", () => {
     const err = await applyLayer(rootfs, stream(), { maxBytes: 0 }).catch((e) => e);
     expect(err).toBeInstanceOf(InvalidLayerError);
     expect(err.message).toBe(
-      `layer tar ends in the middle of entry "huge" (declared ${declared} bytes); the blob is truncated or corrupt`,
+      `layer tar ends in the middle of entry "huge" (declared ${declared} bytes); it is truncated or corrupt`,
     );
     // With a budget, the declared size alone is refused before anything is written.
     const err2 = await applyLayer(rootfs, stream(), { maxBytes: 1024 ** 3 }).catch((e) => e);

@@ -182,12 +182,11 @@ interface Position {
   remaining: number;
 }
 
-function truncatedEntry(at: Position, cause?: unknown): InvalidLayerError {
+function truncatedEntry(at: Position): InvalidLayerError {
   return new InvalidLayerError(
     `layer tar ends in the middle of entry ${JSON.stringify(at.entry)} (declared ${at.declared} bytes); ` +
-      "the blob is truncated or corrupt",
+      "it is truncated or corrupt",
     at.entry,
-    { cause },
   );
 }
 

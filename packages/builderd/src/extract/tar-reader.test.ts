@@ -189,6 +189,23 @@ describe("readTar", () => {
     expect(names).toEqual(["a", "b"]);
   });
 
+  it("lets go of its source when the archive ends, when it fails, and when the consumer stops", async () => {
+    const ended = Readable.from([
+      Buffer.concat([fileHeader("a", 0), Buffer.alloc(1024), Buffer.alloc(4096, 9)]),
+    ]);
+    for await (const _ of readTar(ended)) {
+    }
+    expect(ended.destroyed).toBe(true);
+    const bad = Readable.from([Buffer.alloc(512, 7), Buffer.alloc(512)]);
+    await expect(drain(bad)).rejects.toThrow(InvalidLayerError);
+    expect(bad.destroyed).toBe(true);
+    const stopped = Readable.from([
+      Buffer.concat([fileHeader("a", 0), fileHeader("b", 0), Buffer.alloc(1024)]),
+    ]);
+    for await (const _ of readTar(stopped)) break;
+    expect(stopped.destroyed).toBe(true);
+  });
+
   it.each([
     [
       "a bad checksum",
@@ -249,6 +266,11 @@ describe("readTar", () => {
     expect((err as Error).message).toMatch(message);
   });
 });
+
+async function drain(source: Readable) {
+  for await (const _ of readTar(source)) {
+  }
+}
 
 /** Recomputes a hand-edited header's checksum. */
 function resum(h: Buffer): Buffer {

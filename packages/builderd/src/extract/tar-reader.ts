@@ -95,6 +95,11 @@ class Bytes {
 
   constructor(private readonly source: AsyncIterator<Buffer | Uint8Array>) {}
 
+  /** Lets go of the source (a stream's iterator destroys the stream). */
+  async close(): Promise<void> {
+    await this.source.return?.();
+  }
+
   get available(): number {
     return this.buffered;
   }
@@ -158,19 +163,21 @@ class Bytes {
   }
 }
 
+/**
+ * The entries of the tar `source`. `what` names the tar in errors: a layer's ("layer tar", the
+ * default), or an image archive's.
+ */
 export async function* readTar(
   source: AsyncIterable<Buffer | Uint8Array>,
+  what = "layer tar",
 ): AsyncGenerator<TarEntry, void, undefined> {
   const bytes = new Bytes(source[Symbol.asyncIterator]());
   let previous: string | undefined;
   const after = () => (previous === undefined ? "" : ` after entry ${JSON.stringify(previous)}`);
   const truncated = () =>
-    new InvalidLayerError(
-      `layer tar ends unexpectedly${after()}; the blob is truncated or corrupt`,
-      previous,
-    );
+    new InvalidLayerError(`${what} ends unexpectedly${after()}; it is truncated or corrupt`, previous);
   const notTar = (why: string) =>
-    new InvalidLayerError(`layer is not a valid tar stream (${why})${after()}`, previous);
+    new InvalidLayerError(`${what} is not a valid tar stream (${why})${after()}`, previous);
 
   /** Reads a whole metadata body (PAX records, a GNU long name) and its padding. */
   const metaBody = async (size: number, what: string) => {
@@ -189,69 +196,79 @@ export async function* readTar(
     return true;
   };
 
-  let pax: Map<string, Buffer> | undefined;
-  let longName: string | undefined;
-  let longLink: string | undefined;
-  for (;;) {
-    if (bytes.available < BLOCK && !(await bytes.want(BLOCK))) {
-      if (bytes.available === 0 && !pax && longName === undefined && longLink === undefined) return;
-      throw truncated();
-    }
-    const block = bytes.take(BLOCK);
-    if (isZero(block)) return;
-    const header = decodeHeader(block, notTar);
-    switch (header.typeflag) {
-      case "x":
-        pax = parsePax(await metaBody(header.size, "PAX header"), notTar);
-        continue;
-      case "g":
-        await metaBody(header.size, "PAX global header");
-        continue;
-      case "L":
-        longName = cString(await metaBody(header.size, "GNU long name"), 0, header.size);
-        continue;
-      case "K":
-        longLink = cString(await metaBody(header.size, "GNU long link name"), 0, header.size);
-        continue;
-    }
-    if (longName !== undefined) header.name = longName;
-    if (longLink !== undefined) header.linkname = longLink;
-    if (pax) applyPax(header, pax, notTar);
-    pax = undefined;
-    longName = undefined;
-    longLink = undefined;
-    if (HEADER_ONLY.has(header.type)) header.size = 0;
+  try {
+    yield* entries();
+  } finally {
+    // Done, failed, or the consumer stopped: what is left of the source (padding, the rest of a
+    // bad stream) is not read.
+    await bytes.close().catch(() => {});
+  }
 
-    let left = header.size;
-    const cutShort = () =>
-      new InvalidLayerError(
-        `layer tar ends in the middle of entry ${JSON.stringify(header.name)} (declared ${header.size} bytes); ` +
-          "the blob is truncated or corrupt",
-        header.name,
-      );
-    // A plain iterator, not an async generator: most bodies are buffered whole already, and a
-    // generator's machinery per entry was most of the cost of reading images of small files.
-    const done = { done: true, value: undefined } as const;
-    const entry: TarEntry = {
-      header,
-      [Symbol.asyncIterator]: () => ({
-        next: async (): Promise<IteratorResult<Buffer>> => {
-          if (left === 0) return done;
-          if (bytes.available === 0 && !(await bytes.want(1))) throw cutShort();
-          const c = bytes.takeSome(left);
-          left -= c.length;
-          return { done: false, value: c };
-        },
-      }),
-    };
-    yield entry;
-    previous = header.name;
-    // What the consumer did not read of the body, then the body's padding (most often buffered).
-    if (left > 0 && !(await skip(left))) throw cutShort();
-    left = 0;
-    const pad = padding(header.size);
-    const dropped = bytes.drop(pad);
-    if (dropped < pad && !(await skip(pad - dropped))) throw truncated();
+  async function* entries(): AsyncGenerator<TarEntry, void, undefined> {
+    let pax: Map<string, Buffer> | undefined;
+    let longName: string | undefined;
+    let longLink: string | undefined;
+    for (;;) {
+      if (bytes.available < BLOCK && !(await bytes.want(BLOCK))) {
+        if (bytes.available === 0 && !pax && longName === undefined && longLink === undefined) return;
+        throw truncated();
+      }
+      const block = bytes.take(BLOCK);
+      if (isZero(block)) return;
+      const header = decodeHeader(block, notTar);
+      switch (header.typeflag) {
+        case "x":
+          pax = parsePax(await metaBody(header.size, "PAX header"), notTar);
+          continue;
+        case "g":
+          await metaBody(header.size, "PAX global header");
+          continue;
+        case "L":
+          longName = cString(await metaBody(header.size, "GNU long name"), 0, header.size);
+          continue;
+        case "K":
+          longLink = cString(await metaBody(header.size, "GNU long link name"), 0, header.size);
+          continue;
+      }
+      if (longName !== undefined) header.name = longName;
+      if (longLink !== undefined) header.linkname = longLink;
+      if (pax) applyPax(header, pax, notTar);
+      pax = undefined;
+      longName = undefined;
+      longLink = undefined;
+      if (HEADER_ONLY.has(header.type)) header.size = 0;
+
+      let left = header.size;
+      const cutShort = () =>
+        new InvalidLayerError(
+          `${what} ends in the middle of entry ${JSON.stringify(header.name)} (declared ${header.size} bytes); ` +
+            "it is truncated or corrupt",
+          header.name,
+        );
+      // A plain iterator, not an async generator: most bodies are buffered whole already, and a
+      // generator's machinery per entry was most of the cost of reading images of small files.
+      const done = { done: true, value: undefined } as const;
+      const entry: TarEntry = {
+        header,
+        [Symbol.asyncIterator]: () => ({
+          next: async (): Promise<IteratorResult<Buffer>> => {
+            if (left === 0) return done;
+            if (bytes.available === 0 && !(await bytes.want(1))) throw cutShort();
+            const c = bytes.takeSome(left);
+            left -= c.length;
+            return { done: false, value: c };
+          },
+        }),
+      };
+      yield entry;
+      previous = header.name;
+      // What the consumer did not read of the body, then the body's padding (most often buffered).
+      if (left > 0 && !(await skip(left))) throw cutShort();
+      left = 0;
+      const pad = padding(header.size);
+      const dropped = bytes.drop(pad);
+      if (dropped < pad && !(await skip(pad - dropped))) throw truncated();
+    }
   }
 }
 

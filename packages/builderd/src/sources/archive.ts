@@ -2,9 +2,10 @@ import { createHash } from "node:crypto";
 import fs from "node:fs";
 import fsp from "node:fs/promises";
 import path from "node:path";
+import { pipeline as pipe } from "node:stream";
 import { pipeline } from "node:stream/promises";
 import zlib from "node:zlib";
-import tar from "tar-stream";
+import { readTar } from "../extract/tar-reader.js";
 import { MalformedImageError } from "./errors.js";
 
 /**
@@ -56,40 +57,35 @@ export async function extractArchive(
   await fsp.mkdir(dest, { recursive: true });
   const files = new Map<string, ArchiveFile>();
   const links = new Map<string, string>();
-  const extract = tar.extract();
-  const read = fs.createReadStream(archive);
-  const options = signal ? { signal } : {};
-  const feeding = (await isGzip(archive))
-    ? pipeline(read, zlib.createGunzip(), extract, options)
-    : pipeline(read, extract, options);
+  const read = fs.createReadStream(archive, signal ? { signal } : {});
+  const tarStream = (await isGzip(archive)) ? pipe(read, zlib.createGunzip(), () => {}) : read;
   let seq = 0;
   try {
-    for await (const entry of extract) {
+    for await (const entry of readTar(tarStream, "image archive")) {
       const name = normalizeEntryName(entry.header.name);
       const type = entry.header.type;
       if (name !== undefined && wanted(name) && (type === "file" || type === "contiguous-file")) {
         const file = path.join(dest, `entry-${seq++}`);
         const hash = createHash("sha256");
         let size = 0;
-        entry.on("data", (chunk: unknown) => {
-          const b = chunk as Buffer;
-          hash.update(b);
-          size += b.length;
-        });
-        await pipeline(entry, fs.createWriteStream(file, { flags: "wx", mode: 0o600 }));
+        await pipeline(
+          async function* () {
+            for await (const chunk of entry) {
+              hash.update(chunk);
+              size += chunk.length;
+              yield chunk;
+            }
+          },
+          fs.createWriteStream(file, { flags: "wx", mode: 0o600 }),
+        );
         files.set(name, { file, size, digest: `sha256:${hash.digest("hex")}` });
         links.delete(name);
       } else if (name !== undefined && wanted(name) && type === "symlink" && entry.header.linkname) {
         links.set(name, entry.header.linkname);
         files.delete(name);
-        entry.resume();
-      } else {
-        entry.resume();
       }
     }
-    await feeding;
   } catch (err) {
-    feeding.catch(() => {});
     if (err instanceof Error && err.name === "AbortError") throw err;
     throw new MalformedImageError(
       `cannot read image archive ${archive}: ${err instanceof Error ? err.message : String(err)}`,
