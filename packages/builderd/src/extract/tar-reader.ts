@@ -180,8 +180,8 @@ export async function* readTar(
     new InvalidLayerError(`${what} is not a valid tar stream (${why})${after()}`, previous);
 
   /** Reads a whole metadata body (PAX records, a GNU long name) and its padding. */
-  const metaBody = async (size: number, what: string) => {
-    if (size > MAX_META_BYTES) throw notTar(`a ${what} of ${size} bytes, over ${MAX_META_BYTES}`);
+  const metaBody = async (size: number, kind: string) => {
+    if (size > MAX_META_BYTES) throw notTar(`a ${kind} of ${size} bytes, over ${MAX_META_BYTES}`);
     const padded = size + padding(size);
     if (bytes.available < padded && !(await bytes.want(padded))) throw truncated();
     return Buffer.from(bytes.take(padded).subarray(0, size));
