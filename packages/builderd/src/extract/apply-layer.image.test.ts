@@ -243,6 +243,27 @@ describe("applyLayer with imageData", () => {
     expect(resolvedSnapshot(placed, image, nonce)).toEqual(snapshotTree(plain));
   });
 
+  it("counts kept extended attributes against maxBytes: a layer of empty files with big ones is refused", async () => {
+    const big = Buffer.alloc(3000, 0x61).toString();
+    const files: EntrySpec[] = Array.from({ length: 20 }, (_, i) => ({
+      type: "raw",
+      header: {
+        name: `e${String(i).padStart(2, "0")}`,
+        type: "file",
+        size: 0,
+        pax: { "SCHILY.xattr.user.big": big },
+      },
+    }));
+    const err = await applyLayer(placed, await layerStream(files), {
+      maxBytes: 10 * 3000,
+      imageData: { fd, nonce, nextBlock: START },
+    }).catch((e) => e);
+    expect(err).toBeInstanceOf(LayerTooLargeError);
+    expect(err.message).toContain('"e09"');
+    const { placedResults } = await applyBoth([files.slice(0, 2)]);
+    expect(placedResults[0]!.bytesWritten).toBe(2 * (3000 + "user.big".length));
+  });
+
   it("refuses a nextBlock inside the image's metadata blocks", async () => {
     const err = await applyLayer(placed, await layerStream([file("f", 1)]), {
       maxBytes: 0,

@@ -72,6 +72,7 @@ export interface ApplyLayerOptions {
 
 export interface ApplyLayerResult {
   entries: number;
+  /** Content bytes, and with `imageData` the names and values of the extended attributes kept. */
   bytesWritten: number;
   skipped: Array<{ path: string; reason: string }>;
   /** With `imageData`: the first block after this layer's content, where the next layer starts. */
@@ -301,6 +302,9 @@ function createLayerApplier(root: string, rootStat: fs.Stats, opts: ApplyLayerOp
       for (const a of xattrs) dropXattrs(name, a.name, "the inode's attributes would exceed one ext4 block");
       return;
     }
+    const added = xattrBytes(all) - xattrBytes(current.xattrs);
+    if (usedBefore + bytesWritten + added > maxBytes) throw new LayerTooLargeError(opts.maxBytes, name);
+    bytesWritten += Math.max(0, added);
     const fd = fs.openSync(p, fs.constants.O_WRONLY | fs.constants.O_TRUNC | fs.constants.O_NOFOLLOW);
     try {
       writeAllSync(fd, encodePlaceholder(image!.nonce, current, all), 0);
@@ -318,7 +322,10 @@ function createLayerApplier(root: string, rootStat: fs.Stats, opts: ApplyLayerOp
     m: EntryMetadata,
   ) {
     const size = entry.header.size;
-    if (usedBefore + bytesWritten + size > maxBytes) throw new LayerTooLargeError(opts.maxBytes, name);
+    // Kept attributes take room in the image too (in the inode, or a block of their own).
+    const attrBytes = image ? xattrBytes(m.xattrs) : 0;
+    if (usedBefore + bytesWritten + size + attrBytes > maxBytes)
+      throw new LayerTooLargeError(opts.maxBytes, name);
     const rel = join(resolver.resolveDir(parentComps, name, true)!, base);
     const p = abs(rel);
     let fd: number;
@@ -363,6 +370,7 @@ function createLayerApplier(root: string, rootStat: fs.Stats, opts: ApplyLayerOp
         // No content, but attributes: a placeholder carries them all the same.
         writeAllSync(fd, encodePlaceholder(image.nonce, { block: nextBlock, length: 0 }, m.xattrs), 0);
       }
+      bytesWritten += attrBytes;
       if (!image) {
         for (const a of m.xattrs)
           dropXattrs(name, a.name, "only Kiln's ext4 writer keeps them (ext4Writer=kiln)");
@@ -568,6 +576,13 @@ function createLayerApplier(root: string, rootStat: fs.Stats, opts: ApplyLayerOp
     result: () => ({ entries, bytesWritten, skipped, ...(image ? { nextBlock } : {}) }),
     position: () => ({ ...pos }),
   };
+}
+
+/** What extended attributes take, counted against the byte budget: their names and values. */
+function xattrBytes(xattrs: readonly Xattr[]): number {
+  let n = 0;
+  for (const a of xattrs) n += Buffer.byteLength(a.name) + a.value.length;
+  return n;
 }
 
 function seconds(ms: number): number {
