@@ -38,7 +38,7 @@ import {
   encodePlaceholder,
   placeholderSized,
 } from "../rootfs/ext4/data-area.js";
-import { encodeXattrBlock, type Xattr } from "../rootfs/ext4/xattrs.js";
+import { type Xattr, xattrsFitBlock } from "../rootfs/ext4/xattrs.js";
 import { type EntryMetadata, entryMetadata } from "./entry-metadata.js";
 import { entryComponents } from "./entry-path.js";
 import {
@@ -298,7 +298,7 @@ function createLayerApplier(root: string, rootStat: fs.Stats, opts: ApplyLayerOp
     const merged = new Map(current.xattrs.map((a) => [a.name, a.value]));
     for (const a of xattrs) merged.set(a.name, a.value);
     const all = [...merged].map(([n, value]) => ({ name: n, value }));
-    if (!encodeXattrBlock(all)) {
+    if (!xattrsFitBlock(all)) {
       for (const a of xattrs) dropXattrs(name, a.name, "the inode's attributes would exceed one ext4 block");
       return;
     }

@@ -1,4 +1,4 @@
-import { encodeXattrBlock, type Xattr, xattrIndex } from "../rootfs/ext4/xattrs.js";
+import { type Xattr, xattrIndex, xattrsFitBlock } from "../rootfs/ext4/xattrs.js";
 import type { TarHeader } from "./tar-reader.js";
 
 /** The extended attributes of one layer entry: those Kiln keeps, and the others with the reason. */
@@ -37,7 +37,7 @@ export function entryXattrs(h: TarHeader): EntryXattrs {
     if (xattrIndex(name)) kept.push({ name, value });
     else dropped.push({ name, reason: "ext4 images keep only user., trusted. and security. attributes" });
   }
-  if (kept.length > 0 && !encodeXattrBlock(kept)) {
+  if (kept.length > 0 && !xattrsFitBlock(kept)) {
     for (const { name } of kept)
       dropped.push({ name, reason: "the entry's attributes exceed one ext4 block" });
     kept.length = 0;

@@ -169,8 +169,10 @@ function write(fd: number, opts: WriteImageOptions, label: string): WrittenImage
   }
 
   function placeFile(node: Node, p: Buffer, size: number): void {
-    if (placeholderSized(size)) {
-      const ph = decodePlaceholder(readSmall(p, size), opts.nonce);
+    // A file that may be a placeholder is read whole; if it is not one, those bytes are its content.
+    const small = placeholderSized(size) ? readSmall(p, size) : undefined;
+    if (small) {
+      const ph = decodePlaceholder(small, opts.nonce);
       if (ph) {
         const end = ph.block + blocksFor(ph.length);
         if (ph.block < DATA_START_BLOCK || end > opts.nextBlock) {
@@ -184,7 +186,9 @@ function write(fd: number, opts: WriteImageOptions, label: string): WrittenImage
     }
     if (size === 0) return;
     node.data = { block: cursor, length: size };
-    copyInto(fd, p, cursor, size);
+    if (!small) copyInto(fd, p, cursor, size);
+    else if (small.length === size) writeAllSync(fd, small, cursor * BLOCK_SIZE);
+    else throw new InternalError(`${p} shrank while it was copied into the image`);
     cursor += blocksFor(size);
     contentBytes += size;
   }

@@ -131,11 +131,16 @@ export function encodeInodeXattrs(attrs: readonly Xattr[], spaceBytes: number): 
   return space;
 }
 
+/** Whether `attrs` fit one attribute block (so ext4 can hold them at all). */
+export function xattrsFitBlock(attrs: readonly Xattr[]): boolean {
+  const { entries, values } = sizes(prepare(attrs));
+  return BLOCK_HEADER_BYTES + entries + values <= BLOCK_SIZE;
+}
+
 /** One attribute block holding `attrs`, or undefined when they do not fit in a block. */
 export function encodeXattrBlock(attrs: readonly Xattr[]): Buffer | undefined {
+  if (!xattrsFitBlock(attrs)) return undefined;
   const prepared = prepare(attrs);
-  const { entries, values } = sizes(prepared);
-  if (BLOCK_HEADER_BYTES + entries + values > BLOCK_SIZE) return undefined;
   const block = Buffer.alloc(BLOCK_SIZE);
   block.writeUInt32LE(MAGIC, 0);
   block.writeUInt32LE(1, 4); // h_refcount: one inode per block
